@@ -1,0 +1,170 @@
+"""Site configuration of the cluster side: where jobs live, which scheduler, which store.
+
+Read from a TOML file whose path the HPC admin puts on the forced command's argv
+(``omeflow-gateway --config /etc/omeflow/site.toml``); nothing is read at import time and
+nothing the caller sends can choose the file. Relative paths are taken relative to the file.
+
+Example::
+
+    job_root = "/scratch/omeflow/jobs"
+    data_root = "/scratch/omeflow/data"
+    scheduler = "slurm"                 # or "local" (the embedded default)
+    python = "/opt/omeflow/venv/bin/python"
+
+    [store]
+    kind = "omero"                      # or "local"
+    host = "omero.example.org"
+    port = 4064
+
+    [slurm]
+    partition = "cpu"
+    account = "lab42"
+
+    [models]
+    cellpose = "/software/models/cellpose/nuclei"
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpc_jobs.protocol import ErrorCode, GatewayError, SlurmName
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(_Cfg):
+    """Which image store jobs open."""
+
+    kind: Literal["local", "omero"] = "local"
+    #: LocalStore directory (kind = "local").
+    path: Path | None = None
+    #: OMERO server (kind = "omero"). Jobs join with their own session key.
+    host: str | None = None
+    port: int = 4064
+    secure: bool = True
+
+    @model_validator(mode="after")
+    def _complete(self) -> StoreConfig:
+        if self.kind == "local" and self.path is None:
+            raise ValueError('store.kind = "local" needs store.path (the LocalStore directory)')
+        if self.kind == "omero" and not self.host:
+            raise ValueError('store.kind = "omero" needs store.host')
+        return self
+
+
+class SlurmConfig(_Cfg):
+    """Site defaults passed to sbatch (as separate argv elements)."""
+
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    gpu_partition: SlurmName | None = None
+    #: Upper bounds a caller's resource overrides may not exceed.
+    max_cpus: int = 128
+    max_mem_mb: int = 1_000_000
+    max_time_min: int = 7 * 24 * 60
+    max_gpus: int = 8
+    max_array_tasks: int = 1000
+
+
+class ModelsConfig(_Cfg):
+    """Where the site keeps model weights."""
+
+    #: A Cellpose model file or a directory of models (CELLPOSE_LOCAL_MODELS_PATH-style).
+    cellpose: Path | None = None
+
+
+class SiteConfig(_Cfg):
+    """The whole cluster-side configuration."""
+
+    job_root: Path
+    data_root: Path
+    scheduler: Literal["local", "slurm"] = "local"
+    #: Interpreter that runs jobs (defaults to the gateway's own).
+    python: Path = Field(default_factory=lambda: Path(sys.executable))
+    audit_log: Path | None = None
+    store: StoreConfig
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or self.job_root / "audit.log"
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteConfig:
+        """Read and validate a site file; errors are :class:`GatewayError` (CONFIG_ERROR)."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise GatewayError(
+                ErrorCode.CONFIG_ERROR,
+                f"site configuration {path} does not exist; the HPC admin must create it "
+                "(see hpc_jobs/config.py for an example)",
+            ) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise GatewayError(
+                ErrorCode.CONFIG_ERROR, f"site configuration {path} is unreadable: {exc}"
+            ) from None
+        try:
+            cfg = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise GatewayError(
+                ErrorCode.CONFIG_ERROR,
+                f"site configuration {path} is invalid: "
+                + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+            ) from None
+        return cfg.resolved(path.parent)
+
+    def resolved(self, base: Path) -> SiteConfig:
+        """Return a copy whose relative paths are anchored at ``base``."""
+
+        def fix(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            p = Path(p).expanduser()
+            return p if p.is_absolute() else (base / p).resolve()
+
+        store = self.store.model_copy(update={"path": fix(self.store.path)})
+        models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose)})
+        return self.model_copy(
+            update={
+                "job_root": fix(self.job_root),
+                "data_root": fix(self.data_root),
+                "python": fix(self.python),
+                "audit_log": fix(self.audit_log),
+                "store": store,
+                "models": models,
+            }
+        )
+
+    def to_toml(self) -> str:
+        """Serialise (for the sandbox and the embedded default, which write their own file)."""
+        lines = [
+            f'job_root = "{self.job_root}"',
+            f'data_root = "{self.data_root}"',
+            f'scheduler = "{self.scheduler}"',
+            f'python = "{self.python}"',
+        ]
+        if self.audit_log:
+            lines.append(f'audit_log = "{self.audit_log}"')
+        lines += ["", "[store]", f'kind = "{self.store.kind}"']
+        if self.store.path:
+            lines.append(f'path = "{self.store.path}"')
+        if self.store.host:
+            lines += [f'host = "{self.store.host}"', f"port = {self.store.port}"]
+        lines += ["", "[slurm]"]
+        for key, value in self.slurm.model_dump(exclude_none=True).items():
+            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+        if self.models.cellpose:
+            lines += ["", "[models]", f'cellpose = "{self.models.cellpose}"']
+        return "\n".join(lines) + "\n"

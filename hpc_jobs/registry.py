@@ -1,0 +1,77 @@
+"""Step registry: step name -> module (``Params`` + ``run``) and default resources.
+
+Adding a workflow step = one module under ``hpc_jobs/steps/`` + one entry here. The gateway
+accepts only names listed here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
+
+from hpc_jobs.protocol import Resources
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One registered step."""
+
+    name: str
+    module: str
+    resources: Resources
+    description: str
+    #: Whether the job opens the image store (and so may need an OMERO session key).
+    needs_store: bool = True
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    @property
+    def params_model(self) -> type[BaseModel]:
+        return self.load().Params
+
+    @property
+    def entry(self) -> Callable[[Any, Any], dict]:
+        return self.load().run
+
+
+STEPS: dict[str, StepSpec] = {
+    spec.name: spec
+    for spec in [
+        StepSpec(
+            name="cluster_check",
+            module="hpc_jobs.steps.cluster_check",
+            resources=Resources(cpus=1, mem_mb=512, time_min=10),
+            description="Report node, CPUs, memory, GPUs, Python and package versions.",
+            needs_store=False,
+        ),
+        StepSpec(
+            name="export_zarr",
+            module="hpc_jobs.steps.export_zarr",
+            resources=Resources(cpus=4, mem_mb=8192, time_min=120),
+            description="Export an image from the store to OME-Zarr (NGFF 0.5) on HPC storage.",
+        ),
+        StepSpec(
+            name="segment_nuclei",
+            module="hpc_jobs.steps.segment_nuclei",
+            resources=Resources(cpus=8, mem_mb=16384, time_min=240),
+            description="Tiled Cellpose nuclei segmentation with per-nucleus statistics.",
+        ),
+        StepSpec(
+            name="ecdf",
+            module="hpc_jobs.steps.ecdf",
+            resources=Resources(cpus=2, mem_mb=4096, time_min=60),
+            description="Per tissue ROI (holes subtracted) histograms, eCDFs and quantiles.",
+        ),
+    ]
+}
+
+
+def get_step(name: str) -> StepSpec | None:
+    """The spec of a registered step, or None."""
+    return STEPS.get(name)

@@ -1,0 +1,77 @@
+"""What every step gets: a :class:`StepContext`. Steps are modules with ``Params`` + ``run``.
+
+A step module exposes exactly two public names:
+
+- ``Params``: a pydantic model (``extra="forbid"``). The gateway validates a submit's params
+  with it, and the Airflow side turns its JSON schema into the trigger form.
+- ``run(params: Params, ctx: StepContext) -> dict``: does the work inside the job and returns
+  a small JSON-able summary (written to ``outputs/summary.json`` and returned to Airflow).
+
+Step modules import only pydantic at module level; heavy libraries (numpy, zarr, torch,
+cellpose) are imported inside ``run`` so the gateway stays fast and light.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from hpc_jobs.config import SiteConfig
+from hpc_jobs.protocol import Resources, Secrets
+
+if TYPE_CHECKING:
+    from hpc_jobs.stores.base import ImageStore
+
+
+class StepParams(BaseModel):
+    """Base class of every step's params: strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StepContext:
+    """Everything a running step may use. Built by :mod:`hpc_jobs.run` inside the job."""
+
+    job_dir: Path
+    site: SiteConfig
+    resources: Resources
+    secrets: Secrets
+    #: ``SLURM_ARRAY_TASK_ID`` (or the local scheduler's equivalent) for array jobs.
+    array_task_id: int | None = None
+    array_task_count: int | None = None
+
+    @property
+    def outputs(self) -> Path:
+        path = self.job_dir / "outputs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def cpus(self) -> int:
+        """CPUs this job may use: Slurm's allocation, else the requested count."""
+        for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+            if os.environ.get(var, "").isdigit():
+                return max(1, int(os.environ[var]))
+        return self.resources.cpus
+
+    def image_dir(self, image_id: int) -> Path:
+        """Data folder of one image on cluster storage (Zarr, tables, eCDFs)."""
+        path = self.site.data_root / "images" / str(int(image_id))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def open_store(self) -> ImageStore:
+        """Open the site's image store, joined with this job's session key if it has one."""
+        from hpc_jobs.stores import open_store
+
+        return open_store(self.site.store, self.secrets)
+
+    def log(self, message: str) -> None:
+        """A line in the job log (which Airflow shows in the task log)."""
+        print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,181 @@
+"""The ``ImageStore`` interface: what the workflow needs from an image server.
+
+Two implementations: :class:`hpc_jobs.stores.local.LocalStore` (a directory; the embedded
+default and the test double that really works) and :class:`hpc_jobs.stores.omero.OmeroStore`
+(omero-py, joined with a per-job session key).
+
+Conventions (the same as OMERO's):
+- image ids are positive integers;
+- pixel coordinates are level-0 ``x`` (column) and ``y`` (row), origin top-left;
+- shapes' ``text`` carries their meaning: tissue regions start with ``tissue_``, holes with
+  ``hole_`` (the lab's existing CellDetector data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+TISSUE_PREFIX = "tissue_"
+HOLE_PREFIX = "hole_"
+
+
+class StoreError(Exception):
+    """A store refused a request. The message names the fix."""
+
+
+class ImageNotFound(StoreError):
+    """No image with that id (or the session may not see it)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Metadata of one image (a single timepoint and z-plane: c, y, x)."""
+
+    image_id: int
+    name: str
+    size_x: int
+    size_y: int
+    size_c: int
+    dtype: str  # numpy dtype name, e.g. "uint16"
+    channel_names: tuple[str, ...]
+    #: Physical pixel size in micrometres (x, y), or None when unknown.
+    pixel_size_um: tuple[float, float] | None = None
+    #: Resolution levels the store can serve (level 0 = full size).
+    levels: int = 1
+
+    def check_channel(self, channel: int, what: str = "channel") -> None:
+        """Raise a :class:`StoreError` naming the valid range if ``channel`` is out of it."""
+        if not 0 <= channel < self.size_c:
+            raise StoreError(
+                f"image {self.image_id} has {self.size_c} channels "
+                f"({', '.join(self.channel_names)}); {what}={channel} is out of range "
+                f"(use 0..{self.size_c - 1})"
+            )
+
+
+@dataclass(frozen=True)
+class PolygonShape:
+    """A closed polygon in level-0 pixel coordinates: ``points`` = [(x, y), ...]."""
+
+    points: tuple[tuple[float, float], ...]
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class PointShape:
+    """A point in level-0 pixel coordinates."""
+
+    x: float
+    y: float
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class EllipseShape:
+    """An axis-aligned ellipse (OMERO's Ellipse): centre and radii in level-0 pixels."""
+
+    x: float
+    y: float
+    radius_x: float
+    radius_y: float
+    text: str = ""
+
+
+Shape = PolygonShape | PointShape | EllipseShape
+
+
+@dataclass(frozen=True)
+class Roi:
+    """One ROI: a group of shapes. ``namespace`` is None for ROIs people drew."""
+
+    roi_id: int
+    shapes: tuple[Shape, ...]
+    name: str = ""
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class NewRoi:
+    """An ROI to write (ids are assigned by the store)."""
+
+    shapes: tuple[Shape, ...]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file attached to an image."""
+
+    file_id: int
+    name: str
+    namespace: str
+    size: int
+    mimetype: str = "application/octet-stream"
+
+
+@dataclass
+class MapAnnotation:
+    """Key/value pairs attached to an image under a namespace."""
+
+    namespace: str
+    values: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ImageStore(Protocol):
+    """What the workflow needs from an image server. Implementations are context managers."""
+
+    def list_images(self) -> list[ImageInfo]:
+        """Every image this session can see (for nightly batches), by id."""
+
+    def get_image(self, image_id: int) -> ImageInfo:
+        """Metadata of one image; :class:`ImageNotFound` names the id if it does not exist."""
+
+    def read_region(
+        self, image_id: int, channel: int, y0: int, y1: int, x0: int, x1: int, level: int = 0
+    ) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of one channel at ``level`` as a 2-D array (image dtype).
+
+        Coordinates are in that level's pixels and are clipped to the image.
+        """
+
+    def get_rois(self, image_id: int, namespace: str | None = None) -> list[Roi]:
+        """ROIs of the image; with ``namespace``, only those written under it."""
+
+    def write_rois(
+        self, image_id: int, rois: Sequence[NewRoi], namespace: str, replace: bool = True
+    ) -> list[int]:
+        """Write ROIs under ``namespace``; ``replace`` first deletes that namespace's ROIs."""
+
+    def get_map_annotations(self, image_id: int, namespace: str | None = None) -> list[MapAnnotation]:
+        """Map annotations on the image (optionally one namespace)."""
+
+    def write_map_annotation(
+        self, image_id: int, namespace: str, values: dict[str, str], replace: bool = True
+    ) -> None:
+        """Attach key/values under ``namespace``; ``replace`` drops the namespace's old ones."""
+
+    def attach_file(
+        self,
+        image_id: int,
+        path: Path,
+        namespace: str,
+        name: str | None = None,
+        mimetype: str = "application/octet-stream",
+        replace: bool = True,
+    ) -> int:
+        """Attach a file; ``replace`` drops earlier attachments of the same name + namespace."""
+
+    def list_attachments(self, image_id: int, namespace: str | None = None) -> list[Attachment]:
+        """Files attached to the image."""
+
+    def read_attachment(self, image_id: int, file_id: int) -> bytes:
+        """The bytes of one attachment."""
+
+    def close(self) -> None:
+        """Release the session / files."""

@@ -1,0 +1,206 @@
+"""One job's directory under the site's job root, and every file the gateway keeps in it.
+
+::
+
+    <job_root>/<job_id>/
+        request.json   0600  step, validated params, resources, site config path
+        secrets.json   0600  OMERO session key (only if one was sent)
+        job.py         0700  the job script: a Python file with an absolute shebang (no shell)
+        job.json       0600  native (scheduler) id, request fingerprint, submit time
+        job.log              stdout + stderr of the job (Slurm --output)
+        exit.json            written by the job itself when it ends (exit code, elapsed)
+        outputs/             step outputs; outputs/summary.json is returned by ``result``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hpc_jobs.protocol import Secrets
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,159}")
+_OUTPUT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
+
+
+class JobDirError(Exception):
+    """A job id or output name that does not name a file under the job root."""
+
+
+def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a file atomically that only the owner can read (created with ``mode``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class JobDir:
+    """The directory of one job. Construct with :meth:`of`, which confines it to the root."""
+
+    def __init__(self, root: Path, job_id: str) -> None:
+        self.root = root
+        self.job_id = job_id
+        self.path = root / job_id
+
+    @classmethod
+    def of(cls, job_root: Path, job_id: str) -> JobDir:
+        """The job directory for ``job_id``; refuses anything that is not one safe name."""
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+            raise JobDirError("job id must be 1-160 characters of A-Z a-z 0-9 _ . = -")
+        job = cls(Path(job_root), job_id)
+        if job.path.parent != Path(job_root):
+            raise JobDirError("job id escapes the job root")
+        return job
+
+    # -- paths ----------------------------------------------------------------------------
+    @property
+    def request_path(self) -> Path:
+        return self.path / "request.json"
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.path / "secrets.json"
+
+    @property
+    def script_path(self) -> Path:
+        return self.path / "job.py"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "job.log"
+
+    @property
+    def outputs(self) -> Path:
+        return self.path / "outputs"
+
+    def exit_marker_path(self, task: int | None = None) -> Path:
+        return self.path / ("exit.json" if task is None else f"exit.{task}.json")
+
+    # -- creation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise submits of one job key (two callers racing get one job)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(locks / f"{self.job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def create(self, record: dict[str, Any], secrets: Secrets, python: Path) -> None:
+        """Write request, secrets and the job script (a fresh directory)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)  # debris of a submit that never reached the scheduler
+        self.path.mkdir(parents=True, mode=0o700)
+        self.outputs.mkdir(mode=0o700)
+        _write_private(self.request_path, json.dumps(record, indent=2, sort_keys=True))
+        present = secrets.model_dump(exclude_none=True)
+        if present:
+            _write_private(self.secrets_path, json.dumps(present))
+        script = (
+            f"#!{python} -I\n"
+            f'"""omeflow job {self.job_id}: written by the gateway; runs one step, no shell."""\n'
+            "import sys\n\n"
+            "from hpc_jobs.run import main\n\n"
+            f"sys.exit(main({str(self.path)!r}))\n"
+        )
+        _write_private(self.script_path, script, mode=0o700)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    @staticmethod
+    def fingerprint(record: dict[str, Any]) -> str:
+        """Identity of a request: the same key with a different request is a conflict."""
+        core = {k: record[k] for k in ("step", "params", "resources")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    def write_job_record(
+        self, record: dict[str, Any], native_id: str, scheduler: str
+    ) -> dict[str, Any]:
+        data = {
+            "job_id": self.job_id,
+            "step": record["step"],
+            "native_id": native_id,
+            "scheduler": scheduler,
+            "submitted_at": time.time(),
+            "fingerprint": self.fingerprint(record),
+        }
+        _write_private(self.record_path, json.dumps(data, indent=2, sort_keys=True))
+        return data
+
+    # -- reading --------------------------------------------------------------------------
+    def read_job_record(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def read_request(self) -> dict[str, Any]:
+        return json.loads(self.request_path.read_text())
+
+    def read_secrets(self) -> Secrets:
+        try:
+            return Secrets.model_validate_json(self.secrets_path.read_text())
+        except FileNotFoundError:
+            return Secrets()
+
+    def read_exit_marker(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.exit_marker_path().read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_exit_marker(self, exit_code: int, elapsed_s: float, task: int | None = None) -> None:
+        data = {"exit_code": exit_code, "elapsed_s": round(elapsed_s, 3), "time": time.time()}
+        _write_private(self.exit_marker_path(task), json.dumps(data), mode=0o644)
+
+    def read_log(self, offset: int, max_bytes: int) -> tuple[int, int, bytes]:
+        """(file size, start offset, bytes) of the job log; negative offset = last bytes."""
+        try:
+            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return 0, 0, b""
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            start = max(0, size + offset) if offset < 0 else min(offset, size)
+            fh.seek(start)
+            return size, start, fh.read(max_bytes)
+
+    def read_output(self, name: str, max_bytes: int) -> bytes:
+        """Bytes of ``outputs/<name>``: one plain file, links not followed, size-capped."""
+        if not _OUTPUT.fullmatch(name) or ".." in name:
+            raise JobDirError("output name must be one file name of A-Z a-z 0-9 _ . = -")
+        fd = os.open(self.outputs / name, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise FileNotFoundError(name)
+            if info.st_size > max_bytes:
+                raise JobDirError(
+                    f"output {name} is {info.st_size} bytes, more than the {max_bytes} the "
+                    "gateway returns; large outputs stay on the cluster (read them in a step)"
+                )
+            return fh.read(max_bytes)

@@ -1,0 +1,77 @@
+"""The in-job entry point: ``job.py`` (written by the gateway) calls :func:`main`.
+
+It loads the validated request from the job directory, builds a
+:class:`~hpc_jobs.steps.base.StepContext`, runs the step and writes ``outputs/summary.json``
+(array tasks: ``outputs/summary.<task>.json``) and the exit marker. Everything it prints goes
+to the job log, which Airflow shows in the task log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from hpc_jobs.config import SiteConfig
+from hpc_jobs.jobdir import JobDir, _write_private
+from hpc_jobs.protocol import Resources
+from hpc_jobs.registry import get_step
+from hpc_jobs.steps.base import StepContext
+from hpc_jobs.stores.base import StoreError
+
+
+def _array_task() -> tuple[int | None, int | None]:
+    """Array task id and count (Slurm's variables, or the local scheduler's)."""
+    for prefix in ("SLURM_ARRAY_TASK", "OMEFLOW_ARRAY_TASK"):
+        task = os.environ.get(f"{prefix}_ID")
+        if task is not None and task.isdigit():
+            count = os.environ.get(f"{prefix}_COUNT", "")
+            return int(task), (int(count) if count.isdigit() else None)
+    return None, None
+
+
+def main(job_dir: str | Path) -> int:
+    """Run the step of ``job_dir``; returns the process exit status (0 = success)."""
+    started = time.time()
+    job = JobDir(Path(job_dir).parent, Path(job_dir).name)
+    task_id, task_count = _array_task()
+    code = 1
+    try:
+        request = job.read_request()
+        site = SiteConfig.load(request["site_config"])
+        spec = get_step(request["step"])
+        if spec is None:
+            raise RuntimeError(f"step {request['step']!r} is not registered on this node")
+        params = spec.params_model.model_validate(request["params"])
+        ctx = StepContext(
+            job_dir=job.path,
+            site=site,
+            resources=Resources.model_validate(request["resources"]),
+            secrets=job.read_secrets(),
+            array_task_id=task_id,
+            array_task_count=task_count,
+        )
+        print(
+            f"omeflow: step {spec.name} job {job.job_id} on {platform.node()} "
+            f"(cpus={ctx.cpus}, task={task_id}, python {platform.python_version()})",
+            flush=True,
+        )
+        summary = spec.entry(params, ctx) or {}
+        name = "summary.json" if task_id is None else f"summary.{task_id}.json"
+        _write_private(ctx.outputs / name, json.dumps(summary, indent=2, default=str), mode=0o644)
+        print(f"omeflow: step {spec.name} finished in {time.time() - started:.1f} s", flush=True)
+        code = 0
+    except StoreError as exc:  # a user's error: no traceback noise
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        print(f"omeflow: step exited with status {code}", file=sys.stderr, flush=True)
+    except BaseException:  # noqa: BLE001 - reported in the log, turned into exit status 1
+        traceback.print_exc()
+        sys.stderr.flush()
+    job.write_exit_marker(code, time.time() - started, task_id)
+    return code

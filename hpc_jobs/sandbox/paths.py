@@ -1,0 +1,48 @@
+"""Where the HPC-in-a-box keeps its files. One place, so tests and the CLI agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Everything the sandbox owns (except Slurm/munge system paths and the cluster venv).
+ROOT = Path("/srv/omeflow-sandbox")
+JOBS = ROOT / "jobs"
+DATA = ROOT / "data"
+STORE = ROOT / "store"
+SITE_TOML = ROOT / "site.toml"
+CLIENT_DIR = ROOT / "client"
+CLIENT_KEY = CLIENT_DIR / "id_ed25519"
+KNOWN_HOSTS = CLIENT_DIR / "known_hosts"
+SSHD_DIR = ROOT / "sshd"
+SSHD_CONFIG = SSHD_DIR / "sshd_config"
+SSHD_HOST_KEY = SSHD_DIR / "ssh_host_ed25519_key"
+SSHD_PID = SSHD_DIR / "sshd.pid"
+SSHD_LOG = SSHD_DIR / "sshd.log"
+SLURM_DIR = ROOT / "slurm"
+SLURMCTLD_PID = SLURM_DIR / "slurmctld.pid"
+SLURMD_PID = SLURM_DIR / "slurmd.pid"
+SLURMCTLD_LOG = SLURM_DIR / "slurmctld.log"
+SLURMD_LOG = SLURM_DIR / "slurmd.log"
+RUN_DIR = ROOT / "run"
+#: munged pid file, written only when the sandbox started munged itself.
+MUNGED_PID = RUN_DIR / "munged.pid"
+MUNGED_LOG = RUN_DIR / "munged.log"
+
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+SLURMCTLD_STATE = Path("/var/spool/slurmctld")
+SLURMD_SPOOL = Path("/var/spool/slurmd")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+
+#: The cluster-side Python (must be readable by the service user: not under /root).
+HPC_PREFIX = Path("/opt/omeflow-hpc")
+HPC_VENV = HPC_PREFIX / "venv"
+HPC_PYTHON = HPC_VENV / "bin" / "python"
+HPC_GATEWAY = HPC_VENV / "bin" / "omeflow-gateway"
+TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+
+USER = "omeflow"
+HOST = "127.0.0.1"
+SSH_PORT = 2222
+PARTITION = "debug"
+CLUSTER = "omeflow-sandbox"
+APT_PACKAGES = ("slurm-wlm", "munge", "openssh-server", "python3-venv")

@@ -1,0 +1,318 @@
+"""The ImageStore contract: the same tests over every store that is available here.
+
+``LocalStore`` always runs. ``OmeroStore`` runs when ``OMERO_HOST``, ``OMERO_USER`` and
+``OMERO_PASSWORD`` are set (optional ``OMERO_PORT``, ``OMERO_SECURE``) and omero-py is
+installed; it creates its small test images with ``OmeroStore.create_image_from_array``
+(BlitzGateway.createImageFromNumpySeq), so the user needs permission to create images, and
+it deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hpc_jobs.stores.base import (
+    EllipseShape,
+    ImageNotFound,
+    ImageStore,
+    NewRoi,
+    PointShape,
+    PolygonShape,
+    StoreError,
+)
+
+NS = "omeflow.test/contract"
+
+
+def _omero_env() -> dict[str, Any] | None:
+    if not all(os.environ.get(k) for k in ("OMERO_HOST", "OMERO_USER", "OMERO_PASSWORD")):
+        return None
+    return {
+        "host": os.environ["OMERO_HOST"],
+        "port": int(os.environ.get("OMERO_PORT", "4064")),
+        "user": os.environ["OMERO_USER"],
+        "password": os.environ["OMERO_PASSWORD"],
+        "secure": os.environ.get("OMERO_SECURE", "1") not in ("0", "false", "no"),
+    }
+
+
+def _omero_skip_reason() -> str | None:
+    if _omero_env() is None:
+        return "OMERO contract needs OMERO_HOST, OMERO_USER, OMERO_PASSWORD (no server here)"
+    try:
+        import omero  # noqa: F401
+    except ImportError:
+        return "omero-py not installed: pip install 'omeflow[omero]' (Python 3.10)"
+    return None
+
+
+def open_store(kind: str, root: str | None) -> ImageStore:
+    """Open a store of ``kind``; also used by worker processes (must be picklable args)."""
+    if kind == "local":
+        from hpc_jobs.stores.local import LocalStore
+
+        assert root is not None
+        return LocalStore(Path(root))
+    from hpc_jobs.stores.omero import OmeroStore
+
+    env = _omero_env()
+    assert env is not None
+    return OmeroStore.login(**env)
+
+
+class Harness:
+    """A store under test plus the one thing the protocol lacks: creating images."""
+
+    def __init__(self, kind: str, root: str | None) -> None:
+        self.kind, self.root = kind, root
+        self.store = open_store(kind, root)
+        self.created: list[int] = []
+
+    def make_image(
+        self, pixels: np.ndarray, channel_names: list[str], pixel_size_um=(0.5, 0.25)
+    ) -> int:
+        if self.kind == "local":
+            image_id = self.store.add_image(  # type: ignore[attr-defined]
+                "contract", pixels, channel_names, pixel_size_um, tile=64, levels=2
+            )
+        else:
+            image_id = self.store.create_image_from_array(  # type: ignore[attr-defined]
+                "omeflow-contract", pixels, channel_names, pixel_size_um
+            )
+        self.created.append(image_id)
+        return image_id
+
+    def close(self) -> None:
+        if self.kind == "omero":
+            for image_id in self.created:
+                self.store.delete_image(image_id)  # type: ignore[attr-defined]
+        self.store.close()
+
+
+@pytest.fixture(params=["local", "omero"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    if request.param == "omero" and (reason := _omero_skip_reason()):
+        pytest.skip(reason)
+    h = Harness(request.param, str(tmp_path / "store") if request.param == "local" else None)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def pixels() -> np.ndarray:
+    """A non-square 2-channel uint16 image whose size is not a multiple of the tile."""
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 65535, size=(2, 150, 213), dtype=np.uint16)
+
+
+@pytest.fixture
+def image(harness: Harness, pixels: np.ndarray) -> int:
+    return harness.make_image(pixels, ["DAPI", "CD8"])
+
+
+# ----------------------------------------------------------------------------- metadata
+def test_metadata(harness: Harness, image: int) -> None:
+    info = harness.store.get_image(image)
+    assert info.image_id == image >= 1
+    assert (info.size_x, info.size_y, info.size_c) == (213, 150, 2)
+    assert info.dtype == "uint16"
+    assert info.channel_names == ("DAPI", "CD8")
+    assert info.pixel_size_um == pytest.approx((0.5, 0.25))
+    assert info.levels >= 1
+    assert image in [i.image_id for i in harness.store.list_images()]
+
+
+def test_unknown_image_is_clear(harness: Harness, image: int) -> None:
+    with pytest.raises(ImageNotFound, match="999999"):
+        harness.store.get_image(999999)
+    with pytest.raises(ImageNotFound):
+        harness.store.read_region(999999, 0, 0, 1, 0, 1)
+    with pytest.raises(ImageNotFound):
+        harness.store.get_rois(999999)
+    if harness.kind == "local":
+        with pytest.raises(ImageNotFound, match=rf"it has images .*{image}"):
+            harness.store.get_image(image + 1000)
+
+
+def test_channel_out_of_range_names_the_range(harness: Harness, image: int) -> None:
+    with pytest.raises(StoreError, match=r"2 channels.*use 0\.\.1"):
+        harness.store.read_region(image, 2, 0, 10, 0, 10)
+
+
+# ----------------------------------------------------------------------------- pixels
+@pytest.mark.parametrize(
+    "region",
+    [
+        (0, 150, 0, 213),  # whole image
+        (10, 75, 20, 130),  # interior, crosses tile edges
+        (100, 400, 190, 500),  # clipped at the bottom-right edge
+        (-20, 30, -5, 40),  # clipped at the top-left edge
+        (149, 150, 212, 213),  # last pixel
+    ],
+)
+def test_region_reads_equal_written_pixels(
+    harness: Harness, image: int, pixels: np.ndarray, region: tuple[int, int, int, int]
+) -> None:
+    y0, y1, x0, x1 = region
+    for c in range(2):
+        got = harness.store.read_region(image, c, y0, y1, x0, x1)
+        want = pixels[c, max(0, y0) : y1, max(0, x0) : x1]
+        assert got.dtype == np.uint16
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_empty_region(harness: Harness, image: int) -> None:
+    got = harness.store.read_region(image, 0, 500, 600, 0, 10)
+    assert got.size == 0
+
+
+def test_reduced_level(harness: Harness, image: int, pixels: np.ndarray) -> None:
+    info = harness.store.get_image(image)
+    if info.levels < 2:
+        pytest.skip("store serves a single resolution level for this image")
+    small = harness.store.read_region(image, 0, 0, 10_000, 0, 10_000, level=1)
+    assert abs(small.shape[0] - 75) <= 1 and abs(small.shape[1] - 106) <= 1
+    # a reduced level approximates the block mean of level 0
+    ref = pixels[0, : 2 * small.shape[0], : 2 * small.shape[1]].astype(float)
+    ref = ref.reshape(small.shape[0], 2, small.shape[1], 2).mean(axis=(1, 3))
+    assert np.corrcoef(ref.ravel(), small.astype(float).ravel())[0, 1] > 0.5
+
+
+# ----------------------------------------------------------------------------- ROIs
+def _polygon(n: int, cx: float, cy: float, r: float, text: str) -> PolygonShape:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = tuple((float(cx + r * np.cos(a)), float(cy + r * 0.7 * np.sin(a))) for a in t)
+    return PolygonShape(pts, text)
+
+
+def test_roi_round_trip(harness: Harness, image: int) -> None:
+    big = _polygon(500, 100.25, 70.5, 60.0, "tissue_1")
+    hole = _polygon(7, 100, 70, 10, "hole_1")
+    point = PointShape(12.5, 30.75, "nucleus 17")
+    ellipse = EllipseShape(50.0, 60.0, 9.5, 7.25, "n2")
+    ids = harness.store.write_rois(
+        image,
+        [NewRoi((big, hole), name="tissue"), NewRoi((point,)), NewRoi((ellipse,), name="e")],
+        NS,
+    )
+    assert len(ids) == 3 and len(set(ids)) == 3
+    rois = {r.roi_id: r for r in harness.store.get_rois(image, NS)}
+    assert set(rois) == set(ids)
+    tissue = rois[ids[0]]
+    assert tissue.namespace == NS
+    assert tissue.name == "tissue"
+    polys = sorted((s for s in tissue.shapes if isinstance(s, PolygonShape)), key=lambda s: s.text)
+    assert [s.text for s in polys] == ["hole_1", "tissue_1"]
+    np.testing.assert_allclose(polys[1].points, big.points, atol=1e-6)
+    np.testing.assert_allclose(polys[0].points, hole.points, atol=1e-6)
+    (p,) = rois[ids[1]].shapes
+    assert isinstance(p, PointShape) and (p.x, p.y, p.text) == (12.5, 30.75, "nucleus 17")
+    (e,) = rois[ids[2]].shapes
+    assert isinstance(e, EllipseShape)
+    assert (e.x, e.y, e.radius_x, e.radius_y, e.text) == (50.0, 60.0, 9.5, 7.25, "n2")
+
+
+def test_roi_namespace_replace_semantics(harness: Harness, image: int) -> None:
+    rois = [NewRoi((PointShape(float(i), float(i), f"p{i}"),)) for i in range(4)]
+    other = harness.store.write_rois(image, rois[:1], NS + "/other")
+    first = harness.store.write_rois(image, rois, NS)
+    second = harness.store.write_rois(image, rois, NS)  # replace: no duplicates
+    got = harness.store.get_rois(image, NS)
+    assert sorted(r.roi_id for r in got) == sorted(second)
+    assert not set(first) & set(second)
+    assert sorted(s.text for r in got for s in r.shapes) == ["p0", "p1", "p2", "p3"]
+    # other namespaces are untouched; replace=False appends
+    assert [r.roi_id for r in harness.store.get_rois(image, NS + "/other")] == other
+    harness.store.write_rois(image, rois[:2], NS, replace=False)
+    assert len(harness.store.get_rois(image, NS)) == 6
+    # no filter: everything, including the other namespace
+    assert len(harness.store.get_rois(image)) >= 7
+
+
+def test_people_drawn_rois_survive_writes(harness: Harness, image: int) -> None:
+    if harness.kind != "local":
+        pytest.skip("drawing ROIs without a namespace is a LocalStore helper")
+    store = harness.store
+    rid = store.add_roi(image, _polygon(40, 80, 60, 30, "tissue_1"), name="drawn")  # type: ignore[attr-defined]
+    store.write_rois(image, [NewRoi((PointShape(1, 1),))], NS)
+    store.write_rois(image, [NewRoi((PointShape(2, 2),))], NS)
+    drawn = [r for r in store.get_rois(image) if r.namespace is None]
+    assert [r.roi_id for r in drawn] == [rid]
+    with pytest.raises(StoreError, match="namespace"):
+        store.write_rois(image, [NewRoi((PointShape(1, 1),))], "")
+
+
+# ----------------------------------------------------------------------------- annotations
+def test_map_annotations(harness: Harness, image: int) -> None:
+    s = harness.store
+    s.write_map_annotation(image, NS, {"threshold": "200", "model": "nuclei"})
+    s.write_map_annotation(image, NS + "/b", {"k": "v"})
+    s.write_map_annotation(image, NS, {"threshold": "250"})  # replaces
+    got = s.get_map_annotations(image, NS)
+    assert [(m.namespace, m.values) for m in got] == [(NS, {"threshold": "250"})]
+    s.write_map_annotation(image, NS, {"extra": "1"}, replace=False)
+    assert sorted(m.values.get("threshold", m.values.get("extra")) for m in
+                  s.get_map_annotations(image, NS)) == ["1", "250"]
+    assert {m.namespace for m in s.get_map_annotations(image)} >= {NS, NS + "/b"}
+
+
+def test_attachments_round_trip(harness: Harness, image: int, tmp_path: Path) -> None:
+    s = harness.store
+    data = bytes(range(256)) * 100
+    f = tmp_path / "ecdf.parquet"
+    f.write_bytes(data)
+    fid = s.attach_file(image, f, NS, mimetype="application/x-parquet")
+    (att,) = s.list_attachments(image, NS)
+    assert (att.file_id, att.name, att.namespace, att.size) == (fid, "ecdf.parquet", NS, len(data))
+    assert s.read_attachment(image, fid) == data
+    # same name + namespace again: replaced, not duplicated
+    f.write_bytes(b"v2")
+    fid2 = s.attach_file(image, f, NS)
+    assert [a.file_id for a in s.list_attachments(image, NS)] == [fid2]
+    assert s.read_attachment(image, fid2) == b"v2"
+    # a different name is a second attachment
+    s.attach_file(image, f, NS, name="other.json", mimetype="application/json")
+    names = sorted(a.name for a in s.list_attachments(image, NS))
+    assert names == ["ecdf.parquet", "other.json"]
+
+
+# ----------------------------------------------------------------------------- concurrency
+def _worker(kind: str, root: str | None, image_id: int, tag: str, n: int) -> None:
+    store = open_store(kind, root)
+    try:
+        for i in range(n):
+            roi = NewRoi((PointShape(float(i), 1.0, f"{tag}-{i}"),))
+            store.write_rois(image_id, [roi], NS + "/shared", replace=False)
+            store.write_map_annotation(image_id, f"{NS}/{tag}/{i}", {"i": str(i)})
+    finally:
+        store.close()
+
+
+def test_concurrent_writers_do_not_lose_records(harness: Harness, image: int) -> None:
+    n = 12 if harness.kind == "local" else 4
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(harness.kind, harness.root, image, tag, n))
+        for tag in ("a", "b")
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rois = harness.store.get_rois(image, NS + "/shared")
+    texts = sorted(s.text for r in rois for s in r.shapes)
+    assert texts == sorted(f"{t}-{i}" for t in "ab" for i in range(n))
+    assert len({r.roi_id for r in rois}) == 2 * n
+    anns = [m for m in harness.store.get_map_annotations(image) if m.namespace.count("/") == 3]
+    assert len(anns) == 2 * n

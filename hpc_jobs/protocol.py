@@ -87,7 +87,10 @@ def job_key_for(*parts: object, max_length: int = 160) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    """Unknown fields are refused. The gateway validates requests with ``strict=True`` (no
+    coercion); replies are parsed from JSON by the Airflow side, where enums arrive as text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def log(msg: str) -> None:
     print(f"[sandbox] {msg}", file=sys.stderr, flush=True)
 
 
-def run(argv: Sequence[str], timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def run(
+    argv: Sequence[str], timeout: float = 120, check: bool = True, **kw: object
+) -> subprocess.CompletedProcess[str]:
     """Run argv (never a shell) with a timeout; raise SandboxError with stderr on failure."""
     try:
         proc = subprocess.run(
@@ -183,6 +185,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
+# Jobs that ask for no memory get 1 GiB per CPU (not the whole node), so several run at once.
+DefMemPerCPU=1024
 # Finished jobs stay visible to scontrol for an hour (accounting is off).
 MinJobAge=3600
 OverTimeLimit=0

@@ -167,10 +167,11 @@ def _check_image_id(image_id: object) -> int:
 
 
 def _safe_name(name: str) -> str:
-    base = os.path.basename(name)
-    if not base or base in {".", ".."} or base != name.replace("\\", "/").split("/")[-1]:
-        raise StoreError(f"attachment name {name!r} is not a plain file name; pass name='x.parquet'")
-    return base
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+        raise StoreError(
+            f"attachment name {name!r} is not a plain file name; pass e.g. name='ecdf.parquet'"
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- store
@@ -421,8 +422,11 @@ class LocalStore:
                             block = block.astype(dt, copy=False)
                             if reduced:
                                 small = _downsample2(block)
-                                reduced[0][c, y0 // 2 : y0 // 2 + small.shape[0],
-                                           x0 // 2 : x0 // 2 + small.shape[1]] = small
+                                reduced[0][
+                                    c,
+                                    y0 // 2 : y0 // 2 + small.shape[0],
+                                    x0 // 2 : x0 // 2 + small.shape[1],
+                                ] = small
                             yield np.ascontiguousarray(block)
 
             def level_tiles(arr: np.ndarray) -> Iterator[np.ndarray]:
@@ -465,9 +469,7 @@ class LocalStore:
                         for c in range(size_c):
                             for y0 in range(0, arr.shape[1], 2 * tile):
                                 small = _downsample2(np.asarray(arr[c, y0 : y0 + 2 * tile]))
-                                nxt[c, y0 // 2 : y0 // 2 + small.shape[0], : small.shape[1]] = (
-                                    small
-                                )
+                                nxt[c, y0 // 2 : y0 // 2 + small.shape[0], : small.shape[1]] = small
                     arr.flush()
                     tw.write(
                         level_tiles(arr),
@@ -477,7 +479,7 @@ class LocalStore:
                         metadata=None,
                         **kw,
                     )
-            del reduced
+            reduced.clear()
             for p in tmp_dir.glob(".level*.npy"):
                 p.unlink()
             meta = {
@@ -536,8 +538,14 @@ class LocalStore:
                 recs = [r for r in recs if r.get("namespace") != namespace]
             ids = self._next_ids("roi", len(new)) if new else []
             for roi_id, rec in zip(ids, new, strict=True):
-                recs.append({"roi_id": roi_id, "name": rec["name"], "namespace": namespace,
-                             "shapes": rec["shapes"]})
+                recs.append(
+                    {
+                        "roi_id": roi_id,
+                        "name": rec["name"],
+                        "namespace": namespace,
+                        "shapes": rec["shapes"],
+                    }
+                )
             atomic_write_json(path / "rois.json", {"rois": recs})
         return ids
 
@@ -582,9 +590,7 @@ class LocalStore:
         path = self._image_dir(image_id)
         vals = {str(k): str(v) for k, v in values.items()}
         with file_lock(path / ".lock"):
-            recs = _read_json(path / "annotations.json", {"map_annotations": []})[
-                "map_annotations"
-            ]
+            recs = _read_json(path / "annotations.json", {"map_annotations": []})["map_annotations"]
             if replace:
                 recs = [r for r in recs if r["namespace"] != namespace]
             (ann_id,) = self._next_ids("map")
@@ -627,8 +633,15 @@ class LocalStore:
                         (dropped if same else keep).append(a)
                     index = keep
                 os.rename(staging, att_dir / str(file_id))
-                index.append({"file_id": file_id, "name": fname, "namespace": namespace,
-                              "size": size, "mimetype": mimetype})
+                index.append(
+                    {
+                        "file_id": file_id,
+                        "name": fname,
+                        "namespace": namespace,
+                        "size": size,
+                        "mimetype": mimetype,
+                    }
+                )
                 atomic_write_json(img / "attachments.json", {"attachments": index})
             for a in dropped:
                 shutil.rmtree(att_dir / str(a["file_id"]), ignore_errors=True)
@@ -640,8 +653,13 @@ class LocalStore:
         """Files attached to the image, by id."""
         index = _read_json(self._image_dir(image_id) / "attachments.json", {"attachments": []})
         return [
-            Attachment(int(a["file_id"]), a["name"], a["namespace"], int(a["size"]),
-                       a.get("mimetype", "application/octet-stream"))
+            Attachment(
+                int(a["file_id"]),
+                a["name"],
+                a["namespace"],
+                int(a["size"]),
+                a.get("mimetype", "application/octet-stream"),
+            )
             for a in index["attachments"]
             if namespace is None or a["namespace"] == namespace
         ]

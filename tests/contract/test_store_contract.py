@@ -261,8 +261,9 @@ def test_map_annotations(harness: Harness, image: int) -> None:
     got = s.get_map_annotations(image, NS)
     assert [(m.namespace, m.values) for m in got] == [(NS, {"threshold": "250"})]
     s.write_map_annotation(image, NS, {"extra": "1"}, replace=False)
-    assert sorted(m.values.get("threshold", m.values.get("extra")) for m in
-                  s.get_map_annotations(image, NS)) == ["1", "250"]
+    assert sorted(
+        m.values.get("threshold", m.values.get("extra")) for m in s.get_map_annotations(image, NS)
+    ) == ["1", "250"]
     assert {m.namespace for m in s.get_map_annotations(image)} >= {NS, NS + "/b"}
 
 

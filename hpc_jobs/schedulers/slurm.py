@@ -1,0 +1,461 @@
+"""Slurm through its command-line tools: sbatch, squeue, sacct or scontrol, scancel.
+
+Every call is an argv list with a timeout (never a shell). ``status`` for any number of jobs
+costs one ``squeue`` call (the caller's own live jobs) plus, for jobs squeue no longer lists
+(or arrays, to count finished tasks), one ``sacct`` call when accounting is on, else one
+``scontrol show job -o``. Parsing lives in pure functions so it is tested on real output
+captured from the sandbox (tests/data/slurm/).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from hpc_jobs.config import SiteConfig
+from hpc_jobs.protocol import JobState, Resources
+from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError
+
+#: squeue output: one line per job / array task (``-r``), ``|``-separated; name last.
+SQUEUE_FORMAT = "%i|%F|%K|%T|%r|%M|%N|%j"
+#: sacct fields (``--parsable2`` = ``|``-separated, no trailing ``|``).
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NodeList,Reason"
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+#: Order of "worst" terminal state when an array's tasks ended differently: failures caused
+#: by the job itself first (retrying will not help), then cancellation, then cluster faults.
+_SEVERITY = (
+    JobState.FAILED,
+    JobState.OUT_OF_MEMORY,
+    JobState.TIMEOUT,
+    JobState.DEADLINE,
+    JobState.CANCELLED,
+    JobState.NODE_FAIL,
+    JobState.BOOT_FAIL,
+    JobState.PREEMPTED,
+)
+#: Order of live states: the aggregate of an array with any running task is RUNNING.
+_LIVE_ORDER = (JobState.RUNNING, JobState.SUSPENDED, JobState.REQUEUED, JobState.PENDING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parsing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TaskRecord:
+    """One job, one array task, or one still-pending range of array tasks."""
+
+    job_id: str  # the id callers know: the array job id for array tasks
+    state: JobState
+    raw_state: str = ""
+    task_id: str | None = None  # "3", or a range "4-7%2" for pending tasks
+    exit_code: int | None = None
+    signal: int | None = None
+    elapsed_s: float | None = None
+    reason: str | None = None
+    nodes: str | None = None
+    name: str | None = None
+    count: int = 1  # tasks this record stands for
+
+    @property
+    def is_array(self) -> bool:
+        return self.task_id is not None
+
+
+def parse_duration(text: str) -> float | None:
+    """``[D-][HH:]MM:SS`` (squeue/sacct/scontrol) -> seconds; None for empty/INVALID/N/A."""
+    text = (text or "").strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?", text)
+    if not m:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def parse_exit_code(text: str) -> tuple[int | None, int | None]:
+    """``"1:0"`` -> (1, 0): (exit status, signal)."""
+    m = re.fullmatch(r"(\d+):(\d+)", (text or "").strip())
+    if not m:
+        return None, None
+    return int(m.group(1)), int(m.group(2))
+
+
+def count_tasks(spec: str) -> int:
+    """Number of tasks in an array index spec: ``"3"``, ``"2-7"``, ``"1,4-6%2"`` -> 1, 6, 4."""
+    spec = spec.strip().strip("[]").split("%")[0]
+    total = 0
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", part)
+        if not m:
+            return 1
+        lo, hi, step = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3) or 1)
+        total += len(range(lo, hi + 1, step))
+    return max(total, 1)
+
+
+def _clean(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return None if value in ("", "None", "(null)", "N/A", "n/a") else value
+
+
+def parse_squeue(text: str) -> list[TaskRecord]:
+    """Parse ``squeue -h -r -o SQUEUE_FORMAT`` output."""
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", 7)
+        if len(parts) != 8:
+            raise SchedulerError(f"unexpected squeue line (format changed?): {line!r}")
+        jobid, array_job, task, state, reason, used, nodes, name = parts
+        is_array = _clean(task) is not None
+        records.append(
+            TaskRecord(
+                job_id=array_job if is_array else jobid.split("_")[0],
+                state=JobState.parse(state),
+                raw_state=state,
+                task_id=task if is_array else None,
+                elapsed_s=parse_duration(used),
+                reason=_clean(reason),
+                nodes=_clean(nodes),
+                name=name,
+                count=count_tasks(task) if is_array else 1,
+            )
+        )
+    return records
+
+
+def parse_sacct(text: str) -> list[TaskRecord]:
+    """Parse ``sacct --parsable2 --noheader -X -o SACCT_FIELDS`` output.
+
+    Job ids look like ``123``, ``123_4`` (an array task) or ``123_[5-7]`` (pending tasks);
+    step lines (``123.batch``) are skipped in case ``-X`` was not given.
+    """
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 7:
+            raise SchedulerError(f"unexpected sacct line (format changed?): {line!r}")
+        jobid, name, state, exit_code, elapsed, nodes, reason = parts
+        if "." in jobid:
+            continue
+        base, _, task = jobid.partition("_")
+        code, sig = parse_exit_code(exit_code)
+        records.append(
+            TaskRecord(
+                job_id=base,
+                state=JobState.parse(state),
+                raw_state=state,
+                task_id=task.strip("[]") or None,
+                exit_code=code,
+                signal=sig,
+                elapsed_s=parse_duration(elapsed),
+                reason=_clean(reason),
+                nodes=_clean(nodes) if _clean(nodes) != "None assigned" else None,
+                name=name,
+                count=count_tasks(task) if task else 1,
+            )
+        )
+    return records
+
+
+def _scontrol_fields(line: str) -> dict[str, str]:
+    """``Key=value Key2=value with spaces`` -> dict (a token without ``=`` extends the value)."""
+    fields: dict[str, str] = {}
+    key = None
+    for token in line.split(" "):
+        if not token:
+            continue
+        k, eq, v = token.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z][A-Za-z0-9_/:]*", k):
+            key = k
+            fields[key] = v
+        elif key is not None:
+            fields[key] += " " + token
+    return fields
+
+
+def parse_scontrol(text: str) -> list[TaskRecord]:
+    """Parse ``scontrol show job -o`` output (one job or array-task record per line)."""
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("JobId="):
+            continue  # "No jobs in the system" and the like
+        f = _scontrol_fields(line)
+        task = _clean(f.get("ArrayTaskId"))
+        code, sig = parse_exit_code(f.get("ExitCode", ""))
+        records.append(
+            TaskRecord(
+                job_id=f.get("ArrayJobId") if task else f["JobId"],
+                state=JobState.parse(f.get("JobState", "")),
+                raw_state=f.get("JobState", ""),
+                task_id=task,
+                exit_code=code,
+                signal=sig,
+                elapsed_s=parse_duration(f.get("RunTime", "")),
+                reason=_clean(f.get("Reason")),
+                nodes=_clean(f.get("NodeList")),
+                name=f.get("JobName"),
+                count=count_tasks(task) if task else 1,
+            )
+        )
+    return records
+
+
+def _exit_code(rec: TaskRecord) -> int | None:
+    if rec.signal:
+        return 128 + rec.signal
+    return rec.exit_code
+
+
+def _reason(rec: TaskRecord) -> str | None:
+    bits = []
+    if rec.reason:
+        bits.append(rec.reason)
+    if rec.signal:
+        bits.append(f"signal {rec.signal}")
+    if rec.nodes:
+        bits.append(f"nodes={rec.nodes}")
+    return ", ".join(bits) or None
+
+
+def aggregate(records: Iterable[TaskRecord]) -> dict[str, NativeStatus]:
+    """Fold task records into one :class:`NativeStatus` per job id.
+
+    Plain jobs map directly. Arrays: any live task -> the most active live state; else all
+    COMPLETED -> COMPLETED; else the worst failure (see ``_SEVERITY``). ``array_states``
+    counts tasks per state; ``elapsed_s`` is the longest task; ``exit_code`` comes from the
+    task that decided the state.
+    """
+    by_id: dict[str, list[TaskRecord]] = {}
+    for rec in records:
+        by_id.setdefault(rec.job_id, []).append(rec)
+    out: dict[str, NativeStatus] = {}
+    for job_id, recs in by_id.items():
+        if not any(r.is_array for r in recs):
+            rec = recs[-1]
+            out[job_id] = NativeStatus(
+                state=rec.state,
+                exit_code=_exit_code(rec) if rec.state.terminal else None,
+                reason=_reason(rec),
+                elapsed_s=rec.elapsed_s,
+            )
+            continue
+        counts: dict[str, int] = {}
+        for r in recs:
+            counts[r.state.value] = counts.get(r.state.value, 0) + r.count
+        states = {r.state for r in recs}
+        live = [s for s in _LIVE_ORDER if s in states]
+        if live:
+            state = live[0]
+        elif states <= {JobState.COMPLETED}:
+            state = JobState.COMPLETED
+        else:
+            state = next((s for s in _SEVERITY if s in states), JobState.UNKNOWN)
+        decider = next((r for r in recs if r.state == state), recs[0])
+        elapsed = [r.elapsed_s for r in recs if r.elapsed_s is not None]
+        terminal_codes = [_exit_code(r) for r in recs if r.state.terminal]
+        if state == JobState.COMPLETED:
+            exit_code: int | None = 0
+        elif state.terminal:
+            exit_code = _exit_code(decider)
+        else:
+            exit_code = None
+        if exit_code is None and state.terminal:
+            exit_code = max((c for c in terminal_codes if c is not None), default=None)
+        out[job_id] = NativeStatus(
+            state=state,
+            exit_code=exit_code,
+            reason=_reason(decider),
+            elapsed_s=max(elapsed) if elapsed else None,
+            array_states=counts,
+        )
+    return out
+
+
+def parse_sbatch(text: str) -> str:
+    """``sbatch --parsable`` prints ``jobid`` or ``jobid;cluster``."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    job_id = first.split(";")[0].strip()
+    if not re.fullmatch(r"\d+", job_id):
+        raise SchedulerError(f"sbatch printed no job id: {text.strip()!r}")
+    return job_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SlurmScheduler:
+    """:class:`~hpc_jobs.schedulers.base.Scheduler` on Slurm's command-line tools."""
+
+    site: SiteConfig
+    #: ``subprocess.run``-compatible callable (tests wrap it to count calls).
+    runner: Runner = field(default=subprocess.run, repr=False)
+    timeout_s: float = 60.0
+    name: str = "slurm"
+    _accounting: bool | None = field(default=None, init=False, repr=False)
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _run(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            proc = self.runner(
+                list(argv), capture_output=True, text=True, timeout=self.timeout_s,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise SchedulerError(
+                f"{argv[0]} did not answer within {self.timeout_s:.0f}s; is slurmctld up?"
+            ) from None
+        except FileNotFoundError:
+            raise SchedulerError(
+                f"{argv[0]} not found on PATH; install the Slurm client tools on this host"
+            ) from None
+        if check and proc.returncode != 0:
+            raise SchedulerError(
+                f"{argv[0]} failed (exit {proc.returncode}): {(proc.stderr or '').strip()}"
+            )
+        return proc
+
+    @staticmethod
+    def _user() -> str:
+        return pwd.getpwuid(os.getuid()).pw_name
+
+    def accounting_enabled(self) -> bool:
+        """Whether sacct can answer (AccountingStorageType is not ``none``); asked once."""
+        if self._accounting is None:
+            proc = self._run(["scontrol", "show", "config"], check=False)
+            m = re.search(r"^AccountingStorageType\s*=\s*(\S+)", proc.stdout, re.M)
+            self._accounting = bool(m) and m.group(1) != "accounting_storage/none"
+        return self._accounting
+
+    # -- Scheduler ------------------------------------------------------------------------
+    def sbatch_argv(self, spec: JobSpec) -> list[str]:
+        """The sbatch argv for ``spec`` (public so tests and the gateway's dry runs see it)."""
+        res: Resources = spec.resources
+        slurm = self.site.slurm
+        limits = (
+            ("cpus", res.cpus, slurm.max_cpus),
+            ("mem_mb", res.mem_mb, slurm.max_mem_mb),
+            ("time_min", res.time_min, slurm.max_time_min),
+            ("gpus", res.gpus, slurm.max_gpus),
+        )
+        for what, value, limit in limits:
+            if value > limit:
+                raise SchedulerError(
+                    f"{what}={value} exceeds this site's limit {limit} (site.toml [slurm] max_*)"
+                )
+        if res.array and count_tasks(res.array) > slurm.max_array_tasks:
+            raise SchedulerError(
+                f"array {res.array} exceeds this site's max_array_tasks={slurm.max_array_tasks}"
+            )
+        home = pwd.getpwuid(os.getuid()).pw_dir
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name={spec.name}",
+            f"--output={spec.log_path}",
+            f"--chdir={spec.job_dir}",
+            "--ntasks=1",
+            f"--cpus-per-task={res.cpus}",
+            f"--mem={res.mem_mb}M",
+            f"--time={res.time_min}",
+            # Only these variables (plus SLURM_*): nothing from the gateway's environment.
+            f"--export=HOME={home},PATH=/usr/local/bin:/usr/bin:/bin,LANG=C.UTF-8",
+        ]
+        if res.gpus:
+            argv.append(f"--gres=gpu:{res.gpus}")
+        partition = res.partition or (slurm.gpu_partition if res.gpus else None) or slurm.partition
+        if partition:
+            argv.append(f"--partition={partition}")
+        if slurm.account:
+            argv.append(f"--account={slurm.account}")
+        if slurm.qos:
+            argv.append(f"--qos={slurm.qos}")
+        if res.array:
+            # Tasks share the log file: append instead of each task truncating it.
+            argv += [f"--array={res.array}", "--open-mode=append"]
+        argv.append(str(spec.script))
+        return argv
+
+    def submit(self, spec: JobSpec) -> str:
+        """sbatch the job script; returns the Slurm job id."""
+        if not os.access(spec.script, os.X_OK):
+            raise SchedulerError(f"job script {spec.script} is not executable")
+        return parse_sbatch(self._run(self.sbatch_argv(spec)).stdout)
+
+    def status(self, native_ids: Sequence[str]) -> dict[str, NativeStatus]:
+        """States of many jobs: one squeue call, plus at most one sacct/scontrol call."""
+        wanted = {str(i).split("_")[0] for i in native_ids}
+        if not wanted:
+            return {}
+        live = [
+            r for r in parse_squeue(
+                self._run(["squeue", "-h", "-r", "-u", self._user(), "-o", SQUEUE_FORMAT]).stdout
+            )
+            if r.job_id in wanted
+        ]
+        live_ids = {r.job_id for r in live}
+        # Finished jobs, and arrays (their finished tasks are no longer in squeue).
+        need = {i for i in wanted if i not in live_ids}
+        need |= {r.job_id for r in live if r.is_array}
+        finished: list[TaskRecord] = []
+        if need:
+            finished = [r for r in self._finished(sorted(need, key=int)) if r.job_id in need]
+        merged = _merge(live, finished)
+        return aggregate(merged)
+
+    def _finished(self, ids: list[str]) -> list[TaskRecord]:
+        if self.accounting_enabled():
+            proc = self._run(
+                ["sacct", "--parsable2", "--noheader", "-X", f"--jobs={','.join(ids)}",
+                 f"--format={SACCT_FIELDS}"]
+            )
+            return parse_sacct(proc.stdout)
+        proc = self._run(["scontrol", "show", "job", "-o"], check=False)
+        if proc.returncode != 0 and "No jobs" not in (proc.stdout + proc.stderr):
+            raise SchedulerError(f"scontrol show job failed: {proc.stderr.strip()}")
+        return parse_scontrol(proc.stdout)
+
+    def cancel(self, native_id: str) -> None:
+        """scancel (finished or unknown jobs are not an error)."""
+        if not re.fullmatch(r"\d+(_\d+)?", str(native_id)):
+            raise SchedulerError(f"not a Slurm job id: {native_id!r}")
+        proc = self._run(["scancel", str(native_id)], check=False)
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+            raise SchedulerError(f"scancel failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+    def find_by_name(self, name: str) -> str | None:
+        """Newest job of this user with this name still known to slurmctld (any state)."""
+        proc = self._run(
+            ["squeue", "-h", "-u", self._user(), "--states=all", f"--name={name}", "-o", "%F"]
+        )
+        ids = {line.strip() for line in proc.stdout.splitlines() if line.strip().isdigit()}
+        return max(ids, key=int) if ids else None
+
+
+def _merge(live: list[TaskRecord], finished: list[TaskRecord]) -> list[TaskRecord]:
+    """Combine squeue's live records with sacct/scontrol records.
+
+    squeue (``-r``: one line per task) wins for every job and task it lists; from the other
+    source only finished tasks of arrays squeue still shows, and whole jobs it does not show,
+    are added.
+    """
+    live_keys = {(r.job_id, r.task_id) for r in live}
+    live_jobs = {r.job_id for r in live}
+    out = list(live)
+    for r in finished:
+        if r.job_id in live_jobs and (
+            not r.is_array or not r.state.terminal or (r.job_id, r.task_id) in live_keys
+        ):
+            continue
+        out.append(r)
+    return out

@@ -1,0 +1,124 @@
+"""Step ``segment_nuclei``: tiled, parallel Cellpose nuclei segmentation of one image.
+
+Reads ``<image_dir>/image.zarr/0`` (c, y, x uint16, written by ``export_zarr``), writes
+
+- ``<image_dir>/segmentation/tiles/<ty>_<tx>.npz``: per-tile results (resume points);
+- ``<image_dir>/image.zarr/labels/nuclei``: OME-NGFF 0.5 label image (uint32, y x);
+- ``<image_dir>/nuclei.parquet``: one row per nucleus with window statistics.
+
+Phases: ``all`` (one job does everything), or for large images a Slurm job array with
+``phase="tiles"`` (task t segments tiles i with i % n_tasks == t) followed by a job (or a
+second array) with ``phase="merge"`` (task t paints the cores of the same tiles; task 0
+writes the table). See :mod:`hpc_jobs.segmentation` for the pieces.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from hpc_jobs.steps.base import StepContext, StepParams
+
+
+class Params(StepParams):
+    """Parameters of ``segment_nuclei`` (also the Airflow trigger form)."""
+
+    image_id: int = Field(ge=1, description="Image id (the data folder images/<id>).")
+    dapi_channel: int = Field(0, ge=0, description="Channel index of the nuclear stain.")
+    diameter: float = Field(20.0, gt=0, description="Expected nucleus diameter in pixels.")
+    model: str | None = Field(
+        None, description="Cellpose model file (or model name in the site model folder); "
+        "default: the site model, else the bootstrapped one.")
+    block_size: int = Field(2048, ge=64, description="Tile core size (multiple of the shard).")
+    halo: int = Field(64, ge=0, description="Context pixels around each core.")
+    processes: int | None = Field(None, ge=1, description="Worker processes (default: CPUs).")
+    window: int = Field(101, ge=1, description="Side of the statistics window (px).")
+    phase: Literal["all", "tiles", "merge"] = Field("all", description="Which part to run.")
+    log_transform: bool = Field(True, description="Segment log(1 + DAPI) (the lab's recipe).")
+    flow_threshold: float = Field(0.4, ge=0, description="Cellpose flow error threshold.")
+    cellprob_threshold: float = Field(0.0, description="Cellpose cell probability threshold.")
+
+    @model_validator(mode="after")
+    def _halo_fits_nuclei(self) -> Params:
+        if self.halo < self.diameter:
+            raise ValueError(f"halo={self.halo} is smaller than diameter={self.diameter}; "
+                             f"use halo >= {int(self.diameter * 2)} so every nucleus owned "
+                             "by a tile lies fully inside its window")
+        return self
+
+
+def run(params: Params, ctx: StepContext) -> dict[str, Any]:
+    """Segment the image (or this array task's share of it); return a small summary."""
+    import zarr
+
+    from hpc_jobs.segmentation.merge import merge
+    from hpc_jobs.segmentation.model import resolve_model_path
+    from hpc_jobs.segmentation.run_tiles import TileJob, pending_tiles, run_tiles
+    from hpc_jobs.segmentation.tiling import check_alignment
+
+    t0 = time.perf_counter()
+    image_dir = ctx.image_dir(params.image_id)
+    image_zarr = image_dir / "image.zarr"
+    level0 = image_zarr / "0"
+    if not (level0 / "zarr.json").is_file():
+        raise FileNotFoundError(f"{level0} does not exist; run export_zarr for image "
+                                f"{params.image_id} first")
+    arr = zarr.open_array(level0, mode="r")
+    if arr.ndim != 3:
+        raise ValueError(f"{level0} has shape {arr.shape}; expected (c, y, x)")
+    n_channels = int(arr.shape[0])
+    if params.dapi_channel >= n_channels:
+        raise ValueError(f"image {params.image_id} has {n_channels} channel(s); "
+                         f"dapi_channel={params.dapi_channel} is out of range "
+                         f"(use 0..{n_channels - 1})")
+    chunks = tuple(int(c) for c in arr.chunks[-2:])
+    shards = tuple(int(s) for s in arr.shards[-2:]) if arr.shards else None
+    check_alignment(params.block_size, shards or chunks)
+    model_path = resolve_model_path(params.model, ctx.site.models.cellpose)
+    task_id, task_count = ctx.array_task_id or 0, ctx.array_task_count or 1
+    if params.phase == "all" and task_count > 1:
+        raise ValueError("phase='all' cannot run as a job array; submit the array with "
+                         "phase='tiles', then phase='merge'")
+    job = TileJob(
+        array_path=str(level0), tiles_dir=str(image_dir / "segmentation" / "tiles"),
+        model_path=str(model_path), shape=(n_channels, int(arr.shape[1]), int(arr.shape[2])),
+        dapi_channel=params.dapi_channel, diameter=params.diameter,
+        flow_threshold=params.flow_threshold, cellprob_threshold=params.cellprob_threshold,
+        log_transform=params.log_transform, block=params.block_size, halo=params.halo,
+        window=params.window,
+    )
+    grid = job.grid
+    summary: dict[str, Any] = {
+        "image_id": params.image_id, "phase": params.phase, "array_task": task_id,
+        "array_tasks": task_count, "tiles_total": len(grid), "model_path": str(model_path),
+        "labels_path": str(image_zarr / "labels" / "nuclei"),
+        "table_path": str(image_dir / "nuclei.parquet"),
+    }
+    if params.phase in ("all", "tiles"):
+        todo, done = pending_tiles(job, grid.for_task(task_id, task_count))
+        ctx.log(f"segment_nuclei: image {params.image_id} {arr.shape}, {len(grid)} tiles of "
+                f"{params.block_size}px (+{params.halo} halo); task {task_id}/{task_count}: "
+                f"{len(todo)} to do, {len(done)} already done; model {model_path}")
+        totals = {"model_load_s": 0.0, "read_s": 0.0, "segment_s": 0.0, "post_s": 0.0,
+                  "write_s": 0.0}
+        processes = params.processes or ctx.cpus
+        for i, res in enumerate(run_tiles(job, todo, processes, ctx.cpus, ctx.log), 1):
+            for k in totals:
+                totals[k] += float(res.get(k, 0.0))
+            ctx.log(f"segment_nuclei: tile {res['tile']} ({i}/{len(todo)}): {res['owned']} "
+                    f"nuclei, segment {res['segment_s']:.1f}s")
+        summary.update({"tiles": len(todo) + len(done), "tiles_skipped": len(done),
+                        **{k: round(v, 3) for k, v in totals.items()}})
+    if params.phase in ("all", "merge"):
+        meta = {"image_id": str(params.image_id), "channels": str(n_channels),
+                "dapi_channel": str(params.dapi_channel), "window": str(params.window),
+                "diameter": str(params.diameter), "model": str(model_path),
+                "block_size": str(params.block_size), "halo": str(params.halo)}
+        summary.update(merge(job, image_zarr, image_dir / "nuclei.parquet", task_id,
+                             task_count, chunks, shards, meta, ctx.log))
+        summary.setdefault("tiles", len(grid))
+        summary.setdefault("tiles_skipped", 0)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary

@@ -1,0 +1,145 @@
+"""``HpcJobTrigger``: waits in the triggerer until a cluster job reaches a terminal state.
+
+All triggers of one triggerer that watch jobs behind the same connection share ONE status
+poll per interval: a :class:`StatusPoller` per (event loop, connection, interval) collects the
+job ids of every waiting trigger and asks the gateway about all of them in a single ``status``
+call. 100 concurrent jobs cost one gateway call (one SSH exec) per interval, not 100.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+from hooks.hpc import AsyncGatewayClient, HpcGatewayError, HpcTransportError
+from hpc_jobs.protocol import MAX_STATUS_IDS, JobStatus
+
+log = logging.getLogger(__name__)
+
+#: Consecutive failed polls after which waiting triggers give up with an error event.
+MAX_POLL_FAILURES = 8
+
+
+class StatusPoller:
+    """One shared poll loop: waiting triggers register job ids and await their final status."""
+
+    _instances: dict[tuple[int, str, float], StatusPoller] = {}
+
+    def __init__(self, hpc_conn_id: str, interval: float) -> None:
+        self.client = AsyncGatewayClient(hpc_conn_id)
+        self.interval = interval
+        self.waiters: dict[str, list[asyncio.Future[JobStatus]]] = {}
+        self.polls = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    @classmethod
+    def get(cls, hpc_conn_id: str, interval: float) -> StatusPoller:
+        """The poller of the running event loop for this connection and interval."""
+        key = (id(asyncio.get_running_loop()), hpc_conn_id, float(interval))
+        poller = cls._instances.get(key)
+        if poller is None:
+            poller = cls._instances[key] = StatusPoller(hpc_conn_id, interval)
+        return poller
+
+    async def wait(self, job_id: str) -> JobStatus:
+        """Return the job's status once it is terminal."""
+        fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(job_id, []).append(fut)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            futs = self.waiters.get(job_id, [])
+            if fut in futs:
+                futs.remove(fut)
+            if not futs:
+                self.waiters.pop(job_id, None)
+
+    async def _loop(self) -> None:
+        failures = 0
+        while self.waiters:
+            ids = list(self.waiters)
+            try:
+                statuses: list[JobStatus] = []
+                for i in range(0, len(ids), MAX_STATUS_IDS):
+                    statuses += await self.client.status(ids[i : i + MAX_STATUS_IDS])
+                self.polls += 1
+                failures = 0
+                for status in statuses:
+                    if status.state.terminal:
+                        for fut in self.waiters.get(status.job_id, []):
+                            if not fut.done():
+                                fut.set_result(status)
+            except (HpcTransportError, HpcGatewayError) as exc:
+                failures += 1
+                log.warning("status poll failed (%d in a row): %s", failures, exc)
+                if failures >= MAX_POLL_FAILURES:
+                    for futs in self.waiters.values():
+                        for fut in futs:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                    failures = 0
+            # back off after failures (sshd MaxStartups), else the configured interval
+            delay = self.interval * (2 ** min(failures, 4))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                # a new waiter arrived: poll again soon, but not in a tight loop
+                await asyncio.sleep(min(self.interval, 1.0))
+        await self.client.close()
+
+
+class HpcJobTrigger(BaseTrigger):
+    """Fires once the gateway reports the job terminal.
+
+    :param job_id: the gateway job id (the job key).
+    :param hpc_conn_id: connection of the gateway.
+    :param poll_interval: seconds between shared status polls.
+    :param native_id: the scheduler's id, only for log messages.
+    """
+
+    def __init__(
+        self, job_id: str, hpc_conn_id: str, poll_interval: float = 10.0, native_id: str = ""
+    ) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.hpc_conn_id = hpc_conn_id
+        self.poll_interval = poll_interval
+        self.native_id = native_id
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "operators.triggers.HpcJobTrigger",
+            {
+                "job_id": self.job_id,
+                "hpc_conn_id": self.hpc_conn_id,
+                "poll_interval": self.poll_interval,
+                "native_id": self.native_id,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        poller = StatusPoller.get(self.hpc_conn_id, self.poll_interval)
+        self.log.info("waiting for cluster job %s (%s)", self.job_id, self.native_id)
+        try:
+            status = await poller.wait(self.job_id)
+        except (HpcTransportError, HpcGatewayError) as exc:
+            yield TriggerEvent({"job_id": self.job_id, "state": "UNKNOWN", "error": str(exc)})
+            return
+        yield TriggerEvent(status.model_dump(mode="json"))
+
+    async def on_kill(self) -> None:
+        """A user killed the deferred task (mark failed / clear): cancel the cluster job."""
+        client = AsyncGatewayClient(self.hpc_conn_id, timeout=30)
+        try:
+            await client.cancel(self.job_id)
+            self.log.info("cancelled cluster job %s", self.job_id)
+        finally:
+            await client.close()

@@ -1,22 +1,27 @@
 """Exact per-region intensity histograms, eCDFs and quantiles (pure functions, no store).
 
 Regions. A *tissue region* is one ROI's shapes whose text starts with ``tissue_`` (several
-shapes of one ROI form a MultiPolygon). Every shape whose text starts with ``hole_`` (in any
-ROI) is subtracted from every tissue region it intersects. Regions are clipped to the image.
-Coordinates are OMERO's: ``x`` = column, ``y`` = row, level-0 pixels, origin top-left.
+shapes of one ROI form a MultiPolygon: their union). Every shape whose text starts with
+``hole_`` (in any ROI) is subtracted from every tissue region it intersects. Coordinates are
+OMERO's: ``x`` = column, ``y`` = row, level-0 pixels, origin top-left. Self-intersecting
+outlines are repaired with ``shapely.make_valid``; ellipses become 256-gons.
 
-Pixel convention. Pixel (row ``r``, column ``c``) belongs to a region iff its centre
-``(x, y) = (c + 0.5, r + 0.5)`` lies in the region's *interior* (polygons minus holes; centres
-exactly on an edge are outside), i.e. ``shapely.contains_xy(region, c + 0.5, r + 0.5)``. The one
-exception is a boundary edge that is exactly horizontal *and* lies exactly on a row of pixel
-centres (``y = r + 0.5``): there the half-open scanline rule decides (a set of measure zero that
-hand-drawn polygons do not hit). At pyramid level ``L`` the region is scaled by ``2**-L`` and
-the same rule applies to that level's pixels.
+Pixel convention. Pixel (row ``r``, column ``c``) with centre ``p = (c + 0.5, r + 0.5)`` belongs
+to a region iff ``p`` is in the *interior* of the tissue union and *not in any hole* (not in its
+interior nor on its boundary)::
 
-Rasterisation is an exact even-odd scanline fill per block (:func:`rasterize`), so masks are
-built in the image's own (row, column) orientation for any block shape, edge blocks included.
-Histograms cover the whole dtype range (256 bins for 8-bit, 65536 for 16-bit images) and are
-summed over the blocks that meet a region's bounding box, so they are exact integers.
+    shapely.contains_xy(tissue, c + 0.5, r + 0.5) and not shapely.intersects_xy(holes, ...)
+
+i.e. the interior of "tissue minus closed holes". Regions partly outside the image simply lose
+the pixels that do not exist (no geometric clipping, so no rounded intersection vertices). At
+pyramid level ``L`` the shapes are scaled by ``2**-L`` and the same rule applies to that
+level's pixels.
+
+Rasterisation is an even-odd scanline fill per block (:func:`rasterize`) in the image's own
+(row, column) orientation for any block shape, edge blocks included; centres within rounding
+reach of a boundary are decided by shapely's robust predicates, so masks equal the rule above
+exactly. Histograms cover the whole dtype range (256 bins for 8-bit, 65536 for 16-bit images)
+and are summed over the blocks meeting a region's bounding box: exact integers.
 """
 
 from __future__ import annotations
@@ -52,14 +57,20 @@ class RegionError(ValueError):
 
 @dataclass
 class Region:
-    """One tissue ROI, ready to rasterise: level-0 geometry with holes removed, clipped."""
+    """One tissue ROI in level-0 pixels: the union of its tissue shapes and the holes in it."""
 
     roi_id: int
     name: str
-    geometry: BaseGeometry
+    tissue: BaseGeometry
+    holes: BaseGeometry | None
     n_shapes: int
     n_holes: int
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def geometry(self) -> BaseGeometry:
+        """Tissue minus holes (for areas and display; masks use :func:`region_mask`)."""
+        return self.tissue if self.holes is None else self.tissue.difference(self.holes)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -99,12 +110,12 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
 
 
 def tissue_regions(rois: Sequence[Roi], size_x: int, size_y: int) -> list[Region]:
-    """Tissue regions of an image: per ROI the union of its ``tissue_`` shapes minus all holes.
+    """Tissue regions of an image: per ROI its ``tissue_`` shapes and the holes meeting them.
 
     Raises :class:`RegionError` (naming the fix) when no ROI has a tissue shape.
     """
     import shapely
-    from shapely.geometry import box
+    from shapely.geometry import Polygon, box
 
     holes = [
         g
@@ -112,7 +123,6 @@ def tissue_regions(rois: Sequence[Roi], size_x: int, size_y: int) -> list[Region
         for s in roi.shapes
         if s.text.startswith(HOLE_PREFIX) and (g := shape_geometry(s)) is not None
     ]
-    hole_union = shapely.union_all(holes) if holes else None
     frame = box(0, 0, size_x, size_y)
     regions = []
     for roi in rois:
@@ -127,18 +137,15 @@ def tissue_regions(rois: Sequence[Roi], size_x: int, size_y: int) -> list[Region
                 notes.append(f"shape {s.text!r} ({type(s).__name__}) has no area; ignored")
             else:
                 geoms.append(g)
-        geom = shapely.union_all(geoms) if geoms else frame.difference(frame)
-        n_holes = 0
-        if hole_union is not None and geom.intersects(hole_union):
-            n_holes = sum(1 for h in holes if geom.intersects(h))
-            geom = geom.difference(hole_union)
-        if not frame.contains(geom):
-            notes.append("partly outside the image; clipped to it")
-            geom = geom.intersection(frame)
-        geom = _polygonal(geom)
+        geom = _polygonal(shapely.union_all(geoms)) if geoms else Polygon()
+        mine = [h for h in holes if geom.intersects(h)]
+        hole_geom = _polygonal(shapely.union_all(mine)) if mine else None
+        region = Region(roi.roi_id, "", geom, hole_geom, len(tissue), len(mine), notes)
+        if not frame.contains(region.geometry):
+            notes.append("partly outside the image; only pixels inside the image count")
         texts = sorted({s.text for s in tissue})
-        name = roi.name if roi.name.startswith(TISSUE_PREFIX) else "+".join(texts)
-        regions.append(Region(roi.roi_id, name, geom, len(tissue), n_holes, notes))
+        region.name = roi.name if roi.name.startswith(TISSUE_PREFIX) else "+".join(texts)
+        regions.append(region)
     if not regions:
         raise RegionError(
             "the image has no tissue region: draw a polygon whose text starts with "
@@ -147,11 +154,11 @@ def tissue_regions(rois: Sequence[Roi], size_x: int, size_y: int) -> list[Region
     return regions
 
 
-def scale_geometry(geom: BaseGeometry, factor: float) -> BaseGeometry:
+def scale_geometry(geom: BaseGeometry | None, factor: float) -> BaseGeometry | None:
     """``geom`` with coordinates multiplied by ``factor`` about the origin (level change)."""
     import shapely
 
-    if factor == 1:
+    if geom is None or factor == 1:
         return geom
     return shapely.transform(geom, lambda xy: xy * factor)
 
@@ -180,17 +187,20 @@ def rasterize(
     x0: int,
     x1: int,
     edges: np.ndarray | None = None,
+    closed: bool = False,
 ) -> np.ndarray:
     """Boolean mask of rows ``y0:y1``, columns ``x0:x1``: pixels whose centre is in ``geometry``.
 
-    Equal to ``shapely.contains_xy(geometry, c + 0.5, r + 0.5)`` for every pixel, computed by an
+    Equal, pixel for pixel, to ``shapely.contains_xy(geometry, c + 0.5, r + 0.5)`` (interior),
+    or with ``closed`` to ``shapely.intersects_xy`` (interior or boundary). Computed by an
     even-odd scanline fill of the rings (``edges`` from :func:`ring_edges`, computed if not
-    given). For each centre row ``yc = r + 0.5`` an edge crosses it iff
-    ``min(ya, yb) <= yc < max(ya, yb)`` (half-open: vertices count once, horizontal edges never).
-    Sorted along the row, crossings alternate entering/leaving; a centre is inside iff it is
-    strictly right of an entering and strictly left of the next leaving crossing. Centres within
-    floating-point reach of a crossing or on a horizontal edge are decided by shapely's robust
-    predicate instead. The result has shape ``(y1 - y0, x1 - x0)``, index ``[r - y0, c - x0]``.
+    given): for each centre row ``yc = r + 0.5`` an edge crosses it iff
+    ``min(ya, yb) <= yc < max(ya, yb)`` (half-open: vertices count once, horizontal edges
+    never). Sorted along the row, crossings alternate entering/leaving; a centre is inside iff
+    it lies between an entering and the next leaving crossing (strictly, unless ``closed``).
+    Centres within floating-point reach of a crossing, on a vertex or on a horizontal edge are
+    decided by shapely's robust predicate. The result has shape ``(y1 - y0, x1 - x0)``, index
+    ``[r - y0, c - x0]``.
     """
     import numpy as np
     import shapely
@@ -242,9 +252,14 @@ def rasterize(
         row_len = np.diff(np.r_[row_first, rows.size])
         rank = np.arange(rows.size) - np.repeat(row_first, row_len)
         entering = (rank & 1) == 0
-        # entering at x: centres c + 0.5 > x are inside -> first column floor(x - 0.5) + 1
-        # leaving at x: centres c + 0.5 >= x are outside -> first column ceil(x - 0.5)
-        col = np.where(entering, np.floor(xc - 0.5) + 1, np.ceil(xc - 0.5)) - x0
+        # open: entering at x -> centres c + 0.5 > x inside: first column floor(x - 0.5) + 1;
+        #       leaving at x -> centres c + 0.5 >= x outside: first column ceil(x - 0.5).
+        # closed: entering -> c + 0.5 >= x inside: ceil(x - 0.5); leaving -> c + 0.5 > x out.
+        after, at_or_after = np.floor(xc - 0.5) + 1, np.ceil(xc - 0.5)
+        if closed:
+            col = np.where(entering, at_or_after, after) - x0
+        else:
+            col = np.where(entering, after, at_or_after) - x0
         col = np.clip(col, 0, w).astype(np.int64)
         toggles = np.bincount((rows - y0) * (w + 1) + col, minlength=h * (w + 1))
         parity = np.cumsum(
@@ -262,7 +277,8 @@ def rasterize(
             doubt_r.append(np.full(b + 1 - a, r))
     if doubt_r:
         rr, cc = np.concatenate(doubt_r), np.concatenate(doubt_c)
-        mask[rr - y0, cc - x0] = shapely.contains_xy(geometry, cc + 0.5, rr + 0.5)
+        predicate = shapely.intersects_xy if closed else shapely.contains_xy
+        mask[rr - y0, cc - x0] = predicate(geometry, cc + 0.5, rr + 0.5)
     return mask
 
 
@@ -294,26 +310,46 @@ def bincount(values: np.ndarray, offset: int, n_bins: int) -> np.ndarray:
 @dataclass
 class _Prepared:
     index: int
-    geometry: BaseGeometry
-    edges: np.ndarray
+    tissue: BaseGeometry
+    holes: BaseGeometry | None
+    tissue_edges: np.ndarray
+    hole_edges: np.ndarray | None
     bbox: tuple[float, float, float, float]  # ymin, ymax, xmin, xmax (level pixels)
+
+
+def region_mask(
+    tissue: BaseGeometry,
+    holes: BaseGeometry | None,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    edges: tuple[np.ndarray, np.ndarray | None] | None = None,
+) -> np.ndarray:
+    """Pixels of a block whose centre is inside ``tissue`` and outside every (closed) hole."""
+    t_edges, h_edges = edges if edges is not None else (None, None)
+    mask = rasterize(tissue, y0, y1, x0, x1, t_edges)
+    if holes is not None and mask.any():
+        mask &= ~rasterize(holes, y0, y1, x0, x1, h_edges, closed=True)
+    return mask
 
 
 def region_histograms(
     read_block: Callable[[int, int, int, int], np.ndarray],
     shape_yx: tuple[int, int],
     dtype: Any,
-    regions: Sequence[BaseGeometry],
+    regions: Sequence[tuple[BaseGeometry, BaseGeometry | None]],
     n_channels: int,
     block: int,
     workers: int = 1,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Histograms ``(n_regions, n_channels, n_bins)`` of the pixels of each region.
 
+    ``regions`` are ``(tissue, holes)`` geometries in the pixels of the array read;
     ``read_block(y0, y1, x0, x1)`` returns the ``(n_channels, y1 - y0, x1 - x0)`` pixels of a
-    block (all wanted channels); regions are geometries in the same level's pixel coordinates.
-    Only blocks meeting some region's bounding box are read, each once, in ``workers`` threads.
-    Returns the histograms and counters (blocks read, pixels read, blocks fully inside).
+    block (all wanted channels). Only blocks meeting some region's bounding box are read, each
+    once, in ``workers`` threads. Returns the histograms and counters (blocks read, blocks
+    entirely inside a region).
     """
     import numpy as np
     import shapely
@@ -323,12 +359,19 @@ def region_histograms(
 
     offset, n_bins = histogram_bins(dtype)
     prepared = []
-    for i, geom in enumerate(regions):
-        if geom.is_empty:
+    for i, (tissue, holes) in enumerate(regions):
+        if tissue.is_empty:
             continue
-        shapely.prepare(geom)
-        xmin, ymin, xmax, ymax = geom.bounds
-        prepared.append(_Prepared(i, geom, ring_edges(geom), (ymin, ymax, xmin, xmax)))
+        shapely.prepare(tissue)
+        if holes is not None:
+            shapely.prepare(holes)
+        xmin, ymin, xmax, ymax = tissue.bounds
+        prepared.append(
+            _Prepared(
+                i, tissue, holes, ring_edges(tissue),
+                None if holes is None else ring_edges(holes), (ymin, ymax, xmin, xmax),
+            )
+        )
     work: dict[tuple[int, int, int, int], list[_Prepared]] = {}
     for p in prepared:
         for b in ngff.blocks_intersecting(shape_yx, block, p.bbox):
@@ -336,20 +379,24 @@ def region_histograms(
 
     def one_block(blk: tuple[int, int, int, int]) -> tuple[dict[int, np.ndarray], int]:
         y0, y1, x0, x1 = blk
-        centres = box(x0 + 0.5, y0 + 0.5, x1 - 0.5, y1 - 0.5)
+        centres = box(x0 + 0.5, y0 + 0.5, x1 - 0.5, y1 - 0.5)  # hull of the pixel centres
         data = None
         out: dict[int, np.ndarray] = {}
         full = 0
         for p in work[blk]:
-            if not p.geometry.intersects(centres):
+            if not p.tissue.intersects(centres):
                 continue
             if data is None:
                 data = np.asarray(read_block(y0, y1, x0, x1))
-            if shapely.contains_properly(p.geometry, centres):
+            if shapely.contains_properly(p.tissue, centres) and (
+                p.holes is None or not p.holes.intersects(centres)
+            ):
                 full += 1
                 hist = [bincount(data[c], offset, n_bins) for c in range(n_channels)]
             else:
-                mask = rasterize(p.geometry, y0, y1, x0, x1, p.edges)
+                mask = region_mask(
+                    p.tissue, p.holes, y0, y1, x0, x1, (p.tissue_edges, p.hole_edges)
+                )
                 if not mask.any():
                     continue
                 hist = [bincount(data[c][mask], offset, n_bins) for c in range(n_channels)]

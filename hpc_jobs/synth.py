@@ -70,7 +70,7 @@ class SynthSpec:
     #: grid cell size in px: at most one nucleus per cell (sets the minimum spacing).
     cell: int = 36
     #: fraction of cells (inside tissue) that hold a nucleus.
-    occupancy: float = 0.7
+    occupancy: float = 0.8
     positive_fraction: float = 0.3
     pixel_size_um: float = 0.5
     marker_name: str = "CD8"
@@ -81,7 +81,9 @@ class SynthSpec:
         if self.channels < 2:
             raise ValueError(f"channels={self.channels}: need DAPI + a marker (>= 2)")
         if self.cell < 2 * A_MAX + 2:
-            raise ValueError(f"cell={self.cell} px is too small: nuclei need >= {2 * A_MAX + 2:.0f}")
+            raise ValueError(
+                f"cell={self.cell} px is too small: nuclei need >= {2 * A_MAX + 2:.0f}"
+            )
 
     @property
     def channel_names(self) -> list[str]:
@@ -99,9 +101,9 @@ class Region:
 
 
 def _star(
-    rng: np.random.Generator, cx: float, cy: float, radius: float, n: int, wobble: float
+    rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, n: int, wobble: float
 ) -> tuple[tuple[float, float], ...]:
-    """An irregular star-shaped polygon: radius(t) = R (1 + sum of low harmonics)."""
+    """An irregular star-shaped polygon: radius(t) = (rx, ry) (1 + sum of low harmonics)."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     r = np.ones(n)
     ks = np.arange(2, 6)
@@ -110,7 +112,7 @@ def _star(
     phases = rng.uniform(0, 2 * np.pi, ks.size)
     for k, a, p in zip(ks, amps, phases, strict=True):
         r += a * np.cos(k * t + p)
-    xs, ys = cx + radius * r * np.cos(t), cy + radius * r * np.sin(t)
+    xs, ys = cx + rx * r * np.cos(t), cy + ry * r * np.sin(t)
     return tuple((round(float(x), 2), round(float(y), 2)) for x, y in zip(xs, ys, strict=True))
 
 
@@ -139,10 +141,13 @@ class Synth:
         for i in range(n):
             c_along, c_across = slab * (i + 0.5), other / 2
             cx, cy = (c_along, c_across) if horizontal else (c_across, c_along)
-            radius = 0.36 * min(slab, other)  # wobble 0.3 keeps it within 0.47 of the slab
-            tissues.append(Region(f"tissue_{i + 1}", _star(rng, cx, cy, radius, 64, 0.3)))
+            # wobble 0.3 keeps each tissue within 0.47 of its slab: no overlaps, no clipping
+            r_along, r_across = 0.36 * slab, 0.36 * other
+            rx, ry = (r_along, r_across) if horizontal else (r_across, r_along)
+            tissues.append(Region(f"tissue_{i + 1}", _star(rng, cx, cy, rx, ry, 64, 0.3)))
             if i == 0 or rng.random() < 0.5:  # holes around the centre (star-shaped: inside)
-                hole = _star(rng, cx, cy, 0.22 * radius, 24, 0.2)
+                hr = 0.2 * min(rx, ry)
+                hole = _star(rng, cx, cy, hr, hr, 24, 0.2)
                 holes.append(Region(f"hole_{len(holes) + 1}", hole, inside=f"tissue_{i + 1}"))
         return tissues, holes
 
@@ -294,9 +299,7 @@ class Synth:
     ) -> np.ndarray:
         s = self.spec
         last = s.channels - 1
-        base, gx, gy, tissue_add = (
-            (120.0, 60.0, 40.0, 60.0) if c == 0 else (70.0, 30.0, 20.0, 25.0)
-        )
+        base, gx, gy, tissue_add = (120.0, 60.0, 40.0, 60.0) if c == 0 else (70.0, 30.0, 20.0, 25.0)
         if c == last:
             base, gx, gy, tissue_add = 60.0, 25.0, 15.0, 20.0
         ys = (np.arange(y0, y1, dtype=np.float32) / s.height)[:, None]
@@ -365,12 +368,13 @@ class Synth:
             prof = None
             for c in chans:
                 if c == last:
-                    if pos:
+                    if pos:  # zero beyond the reach, so the bounding box never matters
                         m = d2 / np.float32(MARKER_SCALE**2)
-                        signal[c][win] += np.float32(nuc["marker_peak"][i]) * np.exp(-(m * m))
+                        mprof = np.where(d2 <= MARKER_REACH**2, np.exp(-(m * m)), 0)
+                        signal[c][win] += np.float32(nuc["marker_peak"][i]) * mprof
                     continue
                 if prof is None:
-                    prof = np.exp(-(d2 * d2))
+                    prof = np.where(d2 <= DAPI_REACH**2, np.exp(-(d2 * d2)), 0)
                 peak = nuc["dapi_peak"][i] if c == 0 else nuc["mid_peak"][i]
                 signal[c][win] += np.float32(peak) * prof
         out = np.empty((len(chans), h, w), np.uint16)

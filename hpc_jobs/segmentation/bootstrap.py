@@ -98,7 +98,8 @@ def train(out: Path, epochs: int = 20, n_images: int = 32, size: int = 160, seed
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and save the bootstrap model to ``out`` (a file path); return its metadata."""
     import torch
-    from cellpose import models, train as cp_train
+    from cellpose import models
+    from cellpose import train as cp_train
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -180,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Train (or find) the bootstrap model and print its path."""
-    logging.getLogger("cellpose").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("cellpose.train").setLevel(logging.INFO)
     if shutil.which("nvidia-smi") is None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     path = ensure_model(args.out, epochs=args.epochs, force=args.force)

@@ -14,6 +14,7 @@ winner's (identical) array. Writers then only write whole shard-aligned tile cor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,10 +85,8 @@ def ensure_labels_array(image_zarr: Path, shape: tuple[int, int], chunks: tuple[
                 top = zarr.open_group(tmp, mode="w", zarr_format=3)
                 top.attrs.update({"ome": {"version": NGFF_VERSION, "labels": [NAME]}})
                 _build(tmp / NAME, shape, chunks, shards, image_zarr)
-                try:
+                with contextlib.suppress(OSError):  # another writer created it first
                     os.rename(tmp, labels_dir)
-                except OSError:
-                    pass  # another writer created labels/ first
             if not target.exists():
                 _build(tmp / NAME, shape, chunks, shards, image_zarr)
                 try:

@@ -70,7 +70,7 @@ class TileJob:
         d.pop("tiles_dir")
         d.pop("batch_size")
         d["model_size"] = size
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def extract_nuclei(labels: np.ndarray, tile: Tile, image_hw: tuple[int, int],

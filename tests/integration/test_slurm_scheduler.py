@@ -59,7 +59,7 @@ def _spec(site: SiteConfig, body: str, **res: Any) -> JobSpec:
     script = job_dir / "job.py"
     script.write_text(f"#!{site.python}\nimport os, sys, time\n{body}\n")
     script.chmod(0o755)
-    resources = Resources(cpus=1, mem_mb=256, time_min=5, **res)
+    resources = Resources(**{"cpus": 1, "mem_mb": 256, "time_min": 5, **res})
     return JobSpec(job_dir, script, name, resources, job_dir / "job.log", site)
 
 

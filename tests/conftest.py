@@ -1,0 +1,59 @@
+"""Shared fixtures: an isolated AIRFLOW_HOME and a ``run_dag`` helper around ``dag.test()``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sandbox_fixture import sandbox  # noqa: F401  (re-exported fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of a migrated, throw-away AIRFLOW_HOME that loads this repo's DAGs."""
+    home = tmp_path_factory.mktemp("airflow_home")
+    shutil.copy(REPO / "airflow.cfg", home / "airflow.cfg")
+    (home / "var").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "OMEFLOW"))}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
+        PYTHONPATH=str(REPO),
+    )
+    airflow = str(Path(PY).parent / "airflow")
+    proc = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_dag(airflow_env: dict[str, str]) -> Callable[..., tuple[dict[str, Any], str]]:
+    """``run_dag(dag_id, conf, env={...})`` → (result dict, full output of the run)."""
+
+    def _run(dag_id: str, conf: dict[str, Any] | None = None,
+             env: dict[str, str] | None = None, timeout: float = 900) -> tuple[dict[str, Any], str]:
+        full_env = dict(airflow_env, **(env or {}))
+        proc = subprocess.run(
+            [PY, str(REPO / "tests" / "airflow_runner.py"), dag_id, json.dumps(conf or {})],
+            env=full_env, capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO,
+        )
+        output = proc.stdout + proc.stderr
+        for line in proc.stdout.splitlines():
+            if line.startswith("OMEFLOW_RESULT "):
+                return json.loads(line.split(" ", 1)[1]), output
+        raise AssertionError(f"dag.test() printed no result (exit {proc.returncode}):\n{output[-6000:]}")
+
+    return _run

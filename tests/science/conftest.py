@@ -1,0 +1,43 @@
+"""Shared fixtures of the segmentation science tests: the bootstrap model and a context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from hpc_jobs.config import SiteConfig, StoreConfig
+from hpc_jobs.protocol import Resources, Secrets
+from hpc_jobs.steps.base import StepContext
+
+
+@pytest.fixture(scope="session")
+def cellpose_model() -> Path:
+    """The bootstrapped model (trained once, ~2-5 min on 2 cores; cached afterwards)."""
+    from hpc_jobs.segmentation.bootstrap import ensure_model
+
+    return ensure_model()
+
+
+def make_context(root: Path, cpus: int = 1, task: tuple[int, int] | None = None
+                 ) -> StepContext:
+    """A StepContext on a local site under ``root`` (same data root for all tasks)."""
+    site = SiteConfig(job_root=root / "jobs", data_root=root / "data",
+                      store=StoreConfig(kind="local", path=root / "store"))
+    return StepContext(job_dir=root / "jobs" / "j", site=site,
+                       resources=Resources(cpus=cpus), secrets=Secrets(),
+                       array_task_id=task[0] if task else None,
+                       array_task_count=task[1] if task else None)
+
+
+def write_image(ctx: StepContext, image_id: int, image: np.ndarray,
+                chunks: int = 128, shards: int = 256) -> Path:
+    """Write (c, y, x) uint16 as the export step does: ``image.zarr/0`` with shards."""
+    path = ctx.image_dir(image_id) / "image.zarr"
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    arr = group.create_array("0", shape=image.shape, chunks=(1, chunks, chunks),
+                             shards=(1, shards, shards), dtype="uint16")
+    arr[...] = image
+    return path

@@ -1,0 +1,71 @@
+"""The contract: job states, job keys, request models."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hpc_jobs.protocol import (
+    JobState,
+    ResourceOverrides,
+    Resources,
+    SubmitRequest,
+    job_key_for,
+)
+
+
+@pytest.mark.parametrize(
+    ("word", "state"),
+    [
+        ("PENDING", JobState.PENDING), ("PD", JobState.PENDING), ("R", JobState.RUNNING),
+        ("COMPLETING", JobState.RUNNING), ("CD", JobState.COMPLETED),
+        ("CANCELLED by 1000", JobState.CANCELLED), ("CANCELLED+", JobState.CANCELLED),
+        ("OUT_OF_MEMORY", JobState.OUT_OF_MEMORY), ("OOM", JobState.OUT_OF_MEMORY),
+        ("TIMEOUT", JobState.TIMEOUT), ("TO", JobState.TIMEOUT), ("NODE_FAIL", JobState.NODE_FAIL),
+        ("PREEMPTED", JobState.PREEMPTED), ("BOOT_FAIL", JobState.BOOT_FAIL),
+        ("DEADLINE", JobState.DEADLINE), ("REQUEUED", JobState.REQUEUED),
+        ("SUSPENDED", JobState.SUSPENDED), ("failed", JobState.FAILED), ("", JobState.UNKNOWN),
+        ("WHATEVER", JobState.UNKNOWN),
+    ],
+)
+def test_state_words_map_to_states(word: str, state: JobState) -> None:
+    assert JobState.parse(word) is state
+
+
+def test_terminal_and_retryable_semantics() -> None:
+    terminal = {s for s in JobState if s.terminal}
+    assert terminal == {
+        JobState.COMPLETED, JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED,
+        JobState.OUT_OF_MEMORY, JobState.NODE_FAIL, JobState.PREEMPTED, JobState.BOOT_FAIL,
+        JobState.DEADLINE,
+    }
+    assert {s for s in JobState if s.retryable} == {
+        JobState.PREEMPTED, JobState.NODE_FAIL, JobState.BOOT_FAIL,
+    }
+    assert all(s.terminal for s in JobState if s.retryable)
+
+
+def test_job_key_is_safe_and_distinct() -> None:
+    a = job_key_for("dag", "manual__2026-11-21T13:15:35+00:00", "task", -1, 1)
+    b = job_key_for("dag", "manual__2026-11-21T13:15:35+00:00", "task", -1, 2)
+    c = job_key_for("dag", "manual__2026-11-21T13/15/35+00:00", "task", -1, 1)
+    assert len({a, b, c}) == 3, "try number and run id must give distinct keys"
+    for key in (a, b, c, job_key_for("../../etc", "; rm -rf /", "$(x)")):
+        SubmitRequest(step="cluster_check", job_key=key)  # validates as a JobKey
+        assert "/" not in key and ";" not in key and len(key) <= 160
+    assert job_key_for("x") == job_key_for("x"), "keys are deterministic (idempotent submit)"
+
+
+def test_resource_overrides_apply_only_given_fields() -> None:
+    base = Resources(cpus=4, mem_mb=8000, time_min=60)
+    merged = ResourceOverrides(time_min=5).apply(base)
+    assert (merged.cpus, merged.mem_mb, merged.time_min) == (4, 8000, 5)
+
+
+def test_requests_refuse_unknown_fields_and_coercion() -> None:
+    with pytest.raises(ValidationError):
+        SubmitRequest.model_validate({"step": "cluster_check", "job_key": "k", "shell": "x"})
+    with pytest.raises(ValidationError):
+        SubmitRequest.model_validate({"step": "cluster_check", "job_key": 5}, strict=True)
+    with pytest.raises(ValidationError):
+        SubmitRequest.model_validate({"step": "cluster_check", "job_key": "a\nb"})

@@ -26,9 +26,9 @@ and are summed over the blocks meeting a region's bounding box: exact integers.
 
 from __future__ import annotations
 
-from fractions import Fraction
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from hpc_jobs.stores.base import (
@@ -221,7 +221,8 @@ def rasterize(
     doubt_c: list[np.ndarray] = []
     # horizontal edges lying on a row of centres: their centres are boundary points
     flat = (ya == yb) & (np.floor(ya) + 0.5 == ya) & (ya > y0) & (ya < y1)
-    for xs, xe, yy in zip(np.minimum(xa, xb)[flat], np.maximum(xa, xb)[flat], ya[flat], strict=True):
+    flat_edges = zip(np.minimum(xa, xb)[flat], np.maximum(xa, xb)[flat], ya[flat], strict=True)
+    for xs, xe, yy in flat_edges:
         cols = np.arange(max(x0, int(np.floor(xs - 0.5))), min(x1, int(np.ceil(xe - 0.5)) + 1))
         doubt_r.append(np.full(cols.size, int(yy - 0.5)))
         doubt_c.append(cols)
@@ -261,11 +262,10 @@ def rasterize(
         else:
             col = np.where(entering, after, at_or_after) - x0
         col = np.clip(col, 0, w).astype(np.int64)
-        toggles = np.bincount((rows - y0) * (w + 1) + col, minlength=h * (w + 1))
-        parity = np.cumsum(
-            toggles.reshape(h, w + 1)[:, :w].astype(np.uint8), axis=1, dtype=np.uint8
-        )
-        mask = np.bitwise_and(parity, 1).view(bool)
+        toggles = np.zeros((h, w + 1), dtype=np.uint8)  # uint8 wraps mod 256: parity kept
+        np.add.at(toggles, (rows - y0, col), 1)
+        parity = np.cumsum(toggles[:, :w], axis=1, dtype=np.uint8)
+        mask = np.bitwise_and(parity, 1, out=parity).view(bool)
         # centres within rounding reach of a crossing: let the robust predicate decide
         scale = np.abs(xa).max() + np.abs(ya).max() + abs(x1) + abs(y1) + 1.0
         tol = 1e-12 * scale * (1.0 + np.abs(dx / dy))[order]

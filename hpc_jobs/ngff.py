@@ -22,7 +22,6 @@ numpy and zarr are imported inside the functions so that importing this module s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +34,6 @@ NGFF_VERSION = "0.5"
 DEFAULT_CHUNK = 1024
 DEFAULT_BLOCK = 2048
 PROGRESS_FILE = ".omeflow-progress"
-#: Integer dtypes the platform writes (their full range is the display window).
-SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "uint32", "int32", "float32")
 
 Block = tuple[int, int, int, int]
 
@@ -309,7 +306,3 @@ def describe_layout(arr: zarr.Array) -> str:
     """``shape=... dtype=... chunks=... shards=...`` of an array, for error messages."""
     return f"shape={tuple(arr.shape)} dtype={arr.dtype} chunks={arr.chunks} shards={arr.shards}"
 
-
-def ceil_div(a: int, b: int) -> int:
-    """``ceil(a / b)`` for positive integers."""
-    return math.ceil(a / b)

@@ -51,6 +51,12 @@ STEPS: dict[str, StepSpec] = {
             needs_store=False,
         ),
         StepSpec(
+            name="check_images",
+            module="hpc_jobs.steps.check_images",
+            resources=Resources(cpus=1, mem_mb=1024, time_min=10),
+            description="Check images, channels and tissue ROIs before a run.",
+        ),
+        StepSpec(
             name="export_zarr",
             module="hpc_jobs.steps.export_zarr",
             resources=Resources(cpus=4, mem_mb=8192, time_min=120),

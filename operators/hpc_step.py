@@ -125,12 +125,12 @@ class HpcStepOperator(BaseOperator):
             text = "…" + text.split("\n", 1)[-1]
         return text
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+    def raise_for_state(self, event: dict[str, Any]) -> None:
+        """Copy the job's log tail into the task log; raise unless the job COMPLETED."""
         job_id = event["job_id"]
         self._job_id = job_id
-        hook = self.hook
         state = JobState(event.get("state", "UNKNOWN"))
-        tail = self._log_tail(hook, job_id)
+        tail = self._log_tail(self.hook, job_id)
         if tail:
             self.log.info("---- cluster job %s log (tail) ----\n%s", job_id, tail.rstrip())
         what = (
@@ -143,16 +143,21 @@ class HpcStepOperator(BaseOperator):
             raise AirflowException(f"lost track of cluster job {job_id}: {event['error']}")
         if state is JobState.COMPLETED:
             self.log.info("%s", what)
-            result = hook.result(job_id)
-            return result.data if result.data is not None else result.text
+            return
         if state.retryable:
             raise AirflowException(f"{what}: a cluster-side failure, worth a retry")
         hint = {
-            JobState.TIMEOUT: "raise the time limit (resources.time_min) or split the work",
-            JobState.OUT_OF_MEMORY: "ask for more memory (resources.mem_mb)",
+            JobState.TIMEOUT: "raise the time limit (hpc_resources time_min) or split the work",
+            JobState.OUT_OF_MEMORY: "ask for more memory (hpc_resources mem_mb)",
             JobState.CANCELLED: "someone cancelled the job (scancel or Airflow)",
         }.get(state, "see the log tail below")
         raise AirflowFailException(f"{what}; {hint}\n---- log tail ----\n{tail[-3000:]}")
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger fired: the step's summary, or an exception."""
+        self.raise_for_state(event)
+        result = self.hook.result(event["job_id"])
+        return result.data if result.data is not None else result.text
 
     def on_kill(self) -> None:
         if self._job_id:

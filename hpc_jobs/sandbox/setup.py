@@ -73,17 +73,28 @@ def pid_alive(pidfile: Path, comm: str) -> int | None:
     return pid if name.startswith(comm[:15]) else None
 
 
-def stop_pid(pidfile: Path, comm: str, timeout: float = 15) -> bool:
-    """SIGTERM the process of ``pidfile`` (if it is ``comm``), wait, SIGKILL if needed."""
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def stop_pid(pidfile: Path, comm: str, timeout: float = 20) -> bool:
+    """SIGTERM the process of ``pidfile`` (if it is ``comm``), wait for it to exit (daemons
+    remove their pidfile early, so wait on the pid itself), SIGKILL if it hangs."""
     pid = pid_alive(pidfile, comm)
     if pid is None:
         Path(pidfile).unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pid_alive(pidfile, comm) == pid:
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.2)
-    if pid_alive(pidfile, comm) == pid:
+    if _running(pid):
+        log(f"{comm} (pid {pid}) ignored SIGTERM for {timeout}s; killing it")
         os.kill(pid, signal.SIGKILL)
     Path(pidfile).unlink(missing_ok=True)
     return True

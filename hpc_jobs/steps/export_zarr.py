@@ -75,6 +75,8 @@ class ProgressLog:
         self.path = path
         self.header = header
         self._lock = threading.Lock()
+        #: True once :meth:`load` found a log written for another layout (it is restarted).
+        self.foreign = False
 
     def load(self) -> set[tuple[int, int, int, int, int]]:
         """Finished ``(level, y0, y1, x0, x1)`` entries (empty if the header differs)."""
@@ -85,6 +87,7 @@ class ProgressLog:
         lines = text.split("\n")
         complete = lines[:-1]  # the part after the last "\n" is unterminated: ignore it
         if not complete or complete[0] != f"# {self.header}":
+            self.foreign = True
             return set()
         done = set()
         for line in complete[1:]:
@@ -95,7 +98,7 @@ class ProgressLog:
 
     def start(self, reset: bool) -> None:
         """Write the header (``reset``), or terminate a cut-off last line before appending."""
-        if reset or not self.path.exists():
+        if reset or self.foreign or not self.path.exists():
             self._write(f"# {self.header}\n", mode="w")
             return
         with open(self.path, "rb") as fh:

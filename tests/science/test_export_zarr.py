@@ -244,3 +244,26 @@ def test_params_are_checked():
         export_zarr.Params(image_id=1, bogus=True)
     schema = export_zarr.Params.model_json_schema()
     assert json.dumps(schema) and schema["properties"]["block_size"]["default"] == 2048
+
+
+def test_progress_log_counts_only_complete_lines_of_its_own_layout(tmp_path: Path):
+    path = tmp_path / "progress"
+    log = export_zarr.ProgressLog(path, "layout A")
+    assert log.load() == set()
+    log.start(reset=True)
+    log.mark(0, (0, 64, 0, 64))
+    log.mark(1, (0, 32, 0, 32))
+    with open(path, "a") as fh:
+        fh.write("0 64 128 0")  # cut off by a crash
+    again = export_zarr.ProgressLog(path, "layout A")
+    assert again.load() == {(0, 0, 64, 0, 64), (1, 0, 32, 0, 32)}
+    again.start(reset=False)  # terminates the cut line before appending
+    again.mark(0, (64, 128, 0, 64))
+    assert export_zarr.ProgressLog(path, "layout A").load() == {
+        (0, 0, 64, 0, 64), (1, 0, 32, 0, 32), (0, 64, 128, 0, 64)
+    }
+    other = export_zarr.ProgressLog(path, "layout B")
+    assert other.load() == set()  # written for another layout: nothing counts
+    other.start(reset=False)
+    other.mark(0, (0, 64, 0, 64))
+    assert export_zarr.ProgressLog(path, "layout B").load() == {(0, 0, 64, 0, 64)}

@@ -1,0 +1,54 @@
+"""100 deferred jobs in one triggerer share one ``status`` call per poll interval."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_jobs.config import SiteConfig, StoreConfig
+
+
+@pytest.fixture()
+def local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    site = SiteConfig(job_root=tmp_path / "jobs", data_root=tmp_path / "data", scheduler="local",
+                      python=Path(sys.executable),
+                      store=StoreConfig(kind="local", path=tmp_path / "store"))
+    path = tmp_path / "site.toml"
+    path.write_text(site.to_toml())
+    conn = {"conn_type": "generic", "extra": {"config": str(path)}}
+    monkeypatch.setenv("AIRFLOW_CONN_OMEFLOW_TEST", json.dumps(conn))
+    return path
+
+
+def test_one_status_call_per_poll_for_100_jobs(local_gateway: Path) -> None:
+    from hooks.hpc import HpcGatewayHook
+    from operators.triggers import HpcJobTrigger, StatusPoller
+
+    hook = HpcGatewayHook("omeflow_test")
+    n = 100
+    # 100 real jobs on the local scheduler; they end at different times (0-2 s)
+    ids = [hook.submit("cluster_check", f"job-{i}", params={"sleep_s": i % 3}).job_id
+           for i in range(n)]
+
+    async def wait_all() -> tuple[list, StatusPoller]:
+        triggers = [HpcJobTrigger(job_id=j, hpc_conn_id="omeflow_test", poll_interval=1.0)
+                    for j in ids]
+
+        async def first_event(trigger: HpcJobTrigger):
+            async for event in trigger.run():
+                return event.payload
+
+        events = await asyncio.wait_for(asyncio.gather(*(first_event(t) for t in triggers)), 600)
+        return events, StatusPoller.get("omeflow_test", 1.0)
+
+    events, poller = asyncio.run(wait_all())
+    assert sorted(e["job_id"] for e in events) == sorted(ids)
+    assert all(e["state"] == "COMPLETED" for e in events)
+    # every poll asked about all waiting jobs at once: calls == polls, far fewer than jobs
+    assert poller.client.calls == poller.polls
+    assert poller.polls < n / 4, f"{poller.polls} polls for {n} jobs"
+    print(f"{n} jobs: {poller.polls} polls, {poller.client.calls} gateway calls")

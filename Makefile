@@ -1,6 +1,30 @@
+# omeflow: the two commands a fresh machine needs are `make demo` and `make test`.
 PY ?= .venv/bin/python
+export AIRFLOW_HOME := $(CURDIR)
 
-.PHONY: hpc-sandbox hpc-sandbox-stop
+.PHONY: setup demo test test-fast lint bench-overhead hpc-sandbox hpc-sandbox-stop clean
+
+# venv (torch CPU first), Airflow DB (SQLite under var/), Cellpose model (cached outside git)
+setup:
+	bash scripts/setup.sh
+
+# The main job, end to end on the embedded defaults: synthetic image -> celldetector_preprocess
+demo: setup
+	$(PY) scripts/demo.py
+
+# Everything CI runs: lint, the HPC sandbox (Slurm + munge + sshd on 127.0.0.1), all tests.
+test: setup
+	bash scripts/test.sh
+
+# Unit + security tests only (no sandbox, no Airflow runs)
+test-fast: setup
+	$(PY) -m pytest -q tests/unit tests/security tests/contract
+
+lint:
+	$(PY) -m ruff check .
+
+bench-overhead: setup
+	$(PY) benchmarks/orchestration_overhead.py --runs 10 --sandbox
 
 # HPC in a box: munge + Slurm + sshd on 127.0.0.1:2222 (root; first start installs the
 # cluster venv under /opt/omeflow-hpc and takes a few minutes).
@@ -9,3 +33,6 @@ hpc-sandbox:
 
 hpc-sandbox-stop:
 	$(PY) -m hpc_jobs.sandbox stop
+
+clean:
+	rm -rf var

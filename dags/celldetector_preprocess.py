@@ -17,8 +17,8 @@ Deselected steps are skipped (their outputs from an earlier run are reused).
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import DAG, Param, task, task_group
+
 from hpc_jobs.steps import check_images, segment_nuclei
 from operators.celldetector import EcdfOperator, ExportZarrOperator, SegmentNucleiOperator
 from operators.hpc_step import HpcStepOperator

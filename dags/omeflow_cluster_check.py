@@ -9,8 +9,8 @@ reach Airflow.
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import DAG, Param
+
 from operators.hpc_step import HpcStepOperator
 
 with DAG(

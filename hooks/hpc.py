@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from airflow.sdk.bases.hook import BaseHook
 from pydantic import BaseModel, ValidationError
 
-from airflow.sdk.bases.hook import BaseHook
 from hpc_jobs.protocol import (
     REPLY_MODELS,
     CancelReply,
@@ -128,7 +128,7 @@ class HpcGatewayHook(BaseHook):
             if self.hpc_conn_id != DEFAULT_CONN_ID:
                 raise HpcTransportError(
                     f"Airflow connection {self.hpc_conn_id!r} does not exist; create it (type "
-                    "ssh for a cluster, or any type with extra {\"config\": \"site.toml\"} for "
+                    'ssh for a cluster, or any type with extra {"config": "site.toml"} for '
                     "a local gateway)"
                 ) from None
         if conn is not None and conn.conn_type == "ssh":
@@ -148,7 +148,13 @@ class HpcGatewayHook(BaseHook):
             if gateway:
                 self._local_argv = [str(gateway), "--config", str(config)]
             else:
-                self._local_argv = [sys.executable, "-m", "hpc_jobs.gateway", "--config", str(config)]
+                self._local_argv = [
+                    sys.executable,
+                    "-m",
+                    "hpc_jobs.gateway",
+                    "--config",
+                    str(config),
+                ]
             self._transport = "local"
         return self._transport
 
@@ -163,16 +169,22 @@ class HpcGatewayHook(BaseHook):
         env["SSH_ORIGINAL_COMMAND"] = verb
         try:
             proc = subprocess.run(
-                self._local_argv, input=body, capture_output=True, env=env,
-                timeout=self.timeout, check=False,
+                self._local_argv,
+                input=body,
+                capture_output=True,
+                env=env,
+                timeout=self.timeout,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise HpcTransportError(f"local gateway did not answer: {exc}") from exc
         return _Raw(proc.returncode, proc.stdout, proc.stderr)
 
     def _ssh(self) -> Any:
-        if self._ssh_client is None or not self._ssh_client.get_transport() or not (
-            self._ssh_client.get_transport().is_active()
+        if (
+            self._ssh_client is None
+            or not self._ssh_client.get_transport()
+            or not (self._ssh_client.get_transport().is_active())
         ):
             from airflow.providers.ssh.hooks.ssh import SSHHook
 
@@ -217,7 +229,9 @@ class HpcGatewayHook(BaseHook):
     def call(self, verb: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """One gateway call; returns the reply object or raises HpcGatewayError."""
         body = json.dumps(request or {}).encode()
-        raw = self._call_ssh(verb, body) if self.transport == "ssh" else self._call_local(verb, body)
+        raw = (
+            self._call_ssh(verb, body) if self.transport == "ssh" else self._call_local(verb, body)
+        )
         return decode_reply(verb, raw.status, raw.stdout, raw.stderr)
 
     def _typed(self, verb: str, model: type[R], request: dict[str, Any] | None = None) -> R:
@@ -256,7 +270,9 @@ class HpcGatewayHook(BaseHook):
 
     def log(self, job_id: str, offset: int = 0, max_bytes: int = 65536) -> LogReply:
         """A piece of the job log; a negative offset reads its last ``-offset`` bytes."""
-        return self._typed("log", LogReply, {"job_id": job_id, "offset": offset, "max_bytes": max_bytes})
+        return self._typed(
+            "log", LogReply, {"job_id": job_id, "offset": offset, "max_bytes": max_bytes}
+        )
 
     def result(self, job_id: str, name: str = "summary.json") -> ResultReply:
         """A small output file of the job (``summary.json`` by default)."""
@@ -320,8 +336,11 @@ class AsyncGatewayClient:
             env["SSH_ORIGINAL_COMMAND"] = verb
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *self._sync._local_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, env=env,
+                    *self._sync._local_argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
                 )
                 out, err = await asyncio.wait_for(proc.communicate(body), self.timeout)
             except (OSError, TimeoutError) as exc:
@@ -335,7 +354,9 @@ class AsyncGatewayClient:
         except Exception as exc:  # noqa: BLE001 - asyncssh raises many types; all mean "retry"
             await self.close()
             raise HpcTransportError(f"SSH call {verb!r} failed: {exc}") from exc
-        return decode_reply(verb, result.exit_status or 0, result.stdout or b"", result.stderr or b"")
+        return decode_reply(
+            verb, result.exit_status or 0, result.stdout or b"", result.stderr or b""
+        )
 
     async def status(self, job_ids: Sequence[str]) -> list[JobStatus]:
         reply = await self.call("status", {"job_ids": list(job_ids)})

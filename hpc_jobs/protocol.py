@@ -58,9 +58,7 @@ SlurmName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$", strict=True)
 ]
 #: An OMERO session key (a UUID in practice).
-SessionKey = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9-]{8,128}$", strict=True)
-]
+SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{8,128}$", strict=True)]
 #: A Slurm array spec such as ``0-15`` or ``0-63%8``.
 ArraySpec = Annotated[
     str, StringConstraints(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?(%[0-9]{1,4})?$", strict=True)
@@ -96,7 +94,7 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Job states
 # ---------------------------------------------------------------------------------------------
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Every Slurm job state, plus UNKNOWN (the scheduler no longer knows the job)."""
 
     PENDING = "PENDING"
@@ -196,7 +194,7 @@ _ALIASES: dict[str, JobState] = {
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Why the gateway refused or failed a call."""
 
     BAD_VERB = "BAD_VERB"  # SSH_ORIGINAL_COMMAND is not exactly one known verb
@@ -236,7 +234,9 @@ class GatewayError(Exception):
         self.details = details or []
 
     def reply(self) -> ErrorReply:
-        return ErrorReply(error=ErrorInfo(code=self.code, message=self.message, details=self.details))
+        return ErrorReply(
+            error=ErrorInfo(code=self.code, message=self.message, details=self.details)
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
+
 from hpc_jobs.protocol import job_key_for
 from operators.hpc_step import HpcStepOperator
 from operators.triggers import HpcJobTrigger

@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
 from hooks.hpc import DEFAULT_CONN_ID, HpcGatewayHook
 from hpc_jobs.protocol import JobState, job_key_for
 from operators.triggers import HpcJobTrigger
@@ -93,23 +94,33 @@ class HpcStepOperator(BaseOperator):
         params = self.prepare_params(context)
         job_key = self.job_key(context)
         reply = hook.submit(
-            self.step, job_key, params=params, resources=self.hpc_resources,
+            self.step,
+            job_key,
+            params=params,
+            resources=self.hpc_resources,
             secrets=self.mint_secrets(context),
         )
         self._job_id = reply.job_id
         self.log.info(
             "%s job %s: %s (native id %s, via %s)",
-            self.step, "submitted" if reply.created else "already existed, reattached",
-            reply.job_id, reply.native_id, hook.transport,
+            self.step,
+            "submitted" if reply.created else "already existed, reattached",
+            reply.job_id,
+            reply.native_id,
+            hook.transport,
         )
-        context["ti"].xcom_push(key="hpc_job", value={"job_id": reply.job_id, "native_id": reply.native_id})
+        context["ti"].xcom_push(
+            key="hpc_job", value={"job_id": reply.job_id, "native_id": reply.native_id}
+        )
         if reply.state.terminal:
             status = hook.status([reply.job_id])[0]
             return self.execute_complete(context, status.model_dump(mode="json"))
         self.defer(
             trigger=HpcJobTrigger(
-                job_id=reply.job_id, hpc_conn_id=self.hpc_conn_id,
-                poll_interval=self.poll_interval, native_id=reply.native_id,
+                job_id=reply.job_id,
+                hpc_conn_id=self.hpc_conn_id,
+                poll_interval=self.poll_interval,
+                native_id=reply.native_id,
             ),
             method_name="execute_complete",
         )

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from airflow.sdk import Param
+from pydantic import BaseModel
 
 _KEEP = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "items",
          "minItems", "maxItems", "description", "anyOf", "const")

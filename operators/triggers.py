@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
 from hooks.hpc import AsyncGatewayClient, HpcGatewayError, HpcTransportError
 from hpc_jobs.protocol import MAX_STATUS_IDS, JobStatus
 

@@ -33,8 +33,14 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         PYTHONPATH=str(REPO),
     )
     airflow = str(Path(PY).parent / "airflow")
-    proc = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [airflow, "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return env
 
@@ -43,17 +49,28 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def run_dag(airflow_env: dict[str, str]) -> Callable[..., tuple[dict[str, Any], str]]:
     """``run_dag(dag_id, conf, env={...})`` → (result dict, full output of the run)."""
 
-    def _run(dag_id: str, conf: dict[str, Any] | None = None,
-             env: dict[str, str] | None = None, timeout: float = 900) -> tuple[dict[str, Any], str]:
+    def _run(
+        dag_id: str,
+        conf: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 900,
+    ) -> tuple[dict[str, Any], str]:
         full_env = dict(airflow_env, **(env or {}))
         proc = subprocess.run(
             [PY, str(REPO / "tests" / "airflow_runner.py"), dag_id, json.dumps(conf or {})],
-            env=full_env, capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=REPO,
         )
         output = proc.stdout + proc.stderr
         for line in proc.stdout.splitlines():
             if line.startswith("OMEFLOW_RESULT "):
                 return json.loads(line.split(" ", 1)[1]), output
-        raise AssertionError(f"dag.test() printed no result (exit {proc.returncode}):\n{output[-6000:]}")
+        raise AssertionError(
+            f"dag.test() printed no result (exit {proc.returncode}):\n{output[-6000:]}"
+        )
 
     return _run

@@ -333,7 +333,8 @@ def ensure_venv() -> None:
 
 def ensure_dirs(pw: pwd.struct_passwd) -> None:
     """Job/data/store dirs owned by the service user; root-owned, world-readable site.toml."""
-    from hpc_jobs.config import SiteConfig, SlurmConfig, StoreConfig
+    from hpc_jobs.config import ModelsConfig, SiteConfig, SlurmConfig, StoreConfig
+    from hpc_jobs.segmentation.model import bootstrapped_model_path
 
     P.ROOT.mkdir(parents=True, exist_ok=True)
     P.ROOT.chmod(0o755)
@@ -341,6 +342,19 @@ def ensure_dirs(pw: pwd.struct_passwd) -> None:
         d.mkdir(exist_ok=True)
         os.chown(d, pw.pw_uid, pw.pw_gid)
         d.chmod(0o755)
+    # The site's Cellpose weights: the bootstrapped model (in root's cache, which the service
+    # user cannot read) is copied to a world-readable folder, as a site installs its weights.
+    models = P.ROOT / "models"
+    models.mkdir(exist_ok=True)
+    models.chmod(0o755)
+    boot = bootstrapped_model_path()
+    weights = models / boot.name
+    if boot.is_file():
+        shutil.copy2(boot, weights)
+        weights.chmod(0o644)
+    else:
+        log(f"no bootstrapped Cellpose model at {boot}; run `omeflow bootstrap-model` and "
+            "restart the sandbox before segmenting on it")
     site = SiteConfig(
         job_root=P.JOBS,
         data_root=P.DATA,
@@ -348,6 +362,7 @@ def ensure_dirs(pw: pwd.struct_passwd) -> None:
         python=P.HPC_PYTHON,
         store=StoreConfig(kind="local", path=P.STORE),
         slurm=SlurmConfig(partition=P.PARTITION),
+        models=ModelsConfig(cellpose=weights),
     )
     P.SITE_TOML.write_text(site.to_toml())
     os.chown(P.SITE_TOML, 0, 0)

@@ -9,6 +9,7 @@ The native id is the job id (the directory name).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,8 +68,12 @@ class LocalScheduler:
     def submit(self, spec: JobSpec) -> str:
         res = spec.resources
         argv = [
-            sys.executable, "-m", "hpc_jobs.schedulers.local",
-            str(spec.job_dir), str(res.time_min * 60), res.array or "",
+            sys.executable,
+            "-m",
+            "hpc_jobs.schedulers.local",
+            str(spec.job_dir),
+            str(res.time_min * 60),
+            res.array or "",
         ]
         _write_private(
             spec.job_dir / STATE_FILE,
@@ -78,14 +83,21 @@ class LocalScheduler:
         try:
             with open(spec.log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    cwd=spec.job_dir, start_new_session=True, close_fds=True,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=spec.job_dir,
+                    start_new_session=True,
+                    close_fds=True,
                 )
         except OSError as exc:
             raise SchedulerError(f"cannot start local job: {exc}") from exc
         _write_private(
             spec.job_dir / STATE_FILE,
-            json.dumps({"state": JobState.PENDING.value, "pid": proc.pid, "submitted": time.time()}),
+            json.dumps(
+                {"state": JobState.PENDING.value, "pid": proc.pid, "submitted": time.time()}
+            ),
             mode=0o644,
         )
         return spec.name
@@ -116,10 +128,8 @@ class LocalScheduler:
     def cancel(self, native_id: str) -> None:
         state = _read_state(self._dir(native_id))
         if state and "pid" in state and not JobState(state["state"]).terminal:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(state["pid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             deadline = time.time() + 10
             while time.time() < deadline:
                 current = _read_state(self._dir(native_id)) or {}
@@ -154,8 +164,9 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
             env["OMEFLOW_ARRAY_TASK_COUNT"] = str(len(tasks))
         if stop["why"] is not None:
             return -1
-        proc = subprocess.Popen([str(job_dir / "job.py")], cwd=job_dir, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(job_dir / "job.py")], cwd=job_dir, env=env, start_new_session=True
+        )
         procs[task] = proc
         return proc.wait()
 
@@ -169,10 +180,8 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
             if stop["why"] is not None:
                 for proc in list(procs.values()):
                     if proc.poll() is None:
-                        try:
+                        with contextlib.suppress(ProcessLookupError):
                             os.killpg(proc.pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
             time.sleep(0.05)
         codes = [f.result() for f in futures]
     counts: dict[str, int] = {}
@@ -190,7 +199,10 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
         final, reason = JobState.FAILED, "NonZeroExitCode"
     exit_code = worst if worst >= 0 else 128 - worst  # -N = killed by signal N
     state.update(
-        state=final.value, ended=time.time(), exit_code=exit_code, reason=reason,
+        state=final.value,
+        ended=time.time(),
+        exit_code=exit_code,
+        reason=reason,
         array_states=counts if array else None,
     )
     _write_private(job_dir / STATE_FILE, json.dumps(state), mode=0o644)

@@ -44,7 +44,10 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                 problems.append(str(exc))
                 continue
             marker = info.size_c - 1 if params.marker_channel == -1 else params.marker_channel
-            for channel, what in ((params.dapi_channel, "dapi_channel"), (marker, "marker_channel")):
+            for channel, what in (
+                (params.dapi_channel, "dapi_channel"),
+                (marker, "marker_channel"),
+            ):
                 try:
                     info.check_channel(channel, what)
                 except StoreError as exc:
@@ -52,7 +55,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
             tissues = 0
             if params.need_tissue:
                 tissues = sum(
-                    1 for roi in store.get_rois(image_id) for shape in roi.shapes
+                    1
+                    for roi in store.get_rois(image_id)
+                    for shape in roi.shapes
                     if shape.text.startswith(TISSUE_PREFIX)
                 )
                 if not tissues:
@@ -60,13 +65,21 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                         f"image {image_id} ({info.name}) has no tissue ROI: draw a polygon whose "
                         f"text starts with '{TISSUE_PREFIX}' in OMERO, or deselect the ecdf step"
                     )
-            images.append({
-                "image_id": image_id, "name": info.name, "size_x": info.size_x,
-                "size_y": info.size_y, "channels": list(info.channel_names),
-                "marker_channel": marker, "tissue_shapes": tissues,
-            })
-            ctx.log(f"image {image_id} ({info.name}): {info.size_x} x {info.size_y}, "
-                    f"channels {list(info.channel_names)}, {tissues} tissue shapes")
+            images.append(
+                {
+                    "image_id": image_id,
+                    "name": info.name,
+                    "size_x": info.size_x,
+                    "size_y": info.size_y,
+                    "channels": list(info.channel_names),
+                    "marker_channel": marker,
+                    "tissue_shapes": tissues,
+                }
+            )
+            ctx.log(
+                f"image {image_id} ({info.name}): {info.size_x} x {info.size_y}, "
+                f"channels {list(info.channel_names)}, {tissues} tissue shapes"
+            )
     finally:
         store.close()
     if problems:

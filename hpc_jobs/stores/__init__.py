@@ -17,4 +17,6 @@ def open_store(config: StoreConfig, secrets: Secrets | None = None) -> ImageStor
     from hpc_jobs.stores.omero import OmeroStore
 
     key = secrets.omero_session_key if secrets else None
-    return OmeroStore.join(host=config.host or "", port=config.port, session_key=key, secure=config.secure)
+    return OmeroStore.join(
+        host=config.host or "", port=config.port, session_key=key, secure=config.secure
+    )

@@ -152,7 +152,9 @@ class ImageStore(Protocol):
     ) -> list[int]:
         """Write ROIs under ``namespace``; ``replace`` first deletes that namespace's ROIs."""
 
-    def get_map_annotations(self, image_id: int, namespace: str | None = None) -> list[MapAnnotation]:
+    def get_map_annotations(
+        self, image_id: int, namespace: str | None = None
+    ) -> list[MapAnnotation]:
         """Map annotations on the image (optionally one namespace)."""
 
     def write_map_annotation(

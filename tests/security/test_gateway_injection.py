@@ -31,16 +31,27 @@ def _call(config: Path, verb: str | None, body: bytes, env_extra: dict | None = 
     if verb is not None:
         env["SSH_ORIGINAL_COMMAND"] = verb
     env.update(env_extra or {})
-    proc = subprocess.run(GATEWAY + ["--config", str(config)], input=body, env=env,
-                          capture_output=True, timeout=60, check=False)
+    proc = subprocess.run(
+        GATEWAY + ["--config", str(config)],
+        input=body,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     return proc
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gw")
-    cfg = SiteConfig(job_root=root / "jobs", data_root=root / "data", scheduler="local",
-                     python=Path(sys.executable), store=StoreConfig(kind="local", path=root / "store"))
+    cfg = SiteConfig(
+        job_root=root / "jobs",
+        data_root=root / "data",
+        scheduler="local",
+        python=Path(sys.executable),
+        store=StoreConfig(kind="local", path=root / "store"),
+    )
     path = root / "site.toml"
     path.write_text(cfg.to_toml())
     CANARY_DIR.mkdir(exist_ok=True)
@@ -57,13 +68,34 @@ def sub(**fields) -> bytes:
 
 C = canary("x")
 HOSTILE_VERBS = [
-    None, "", "ls", "id", f"touch {C}", f"ping; touch {C}", f"ping && touch {C}",
-    f"ping | touch {C}", f"$(touch {C})", f"`touch {C}`", f"ping\ntouch {C}", " ping", "ping ",
-    "PING", "submit status", "../ping", "/bin/sh", f"bash -c 'touch {C}'", "ping\x00",
+    None,
+    "",
+    "ls",
+    "id",
+    f"touch {C}",
+    f"ping; touch {C}",
+    f"ping && touch {C}",
+    f"ping | touch {C}",
+    f"$(touch {C})",
+    f"`touch {C}`",
+    f"ping\ntouch {C}",
+    " ping",
+    "ping ",
+    "PING",
+    "submit status",
+    "../ping",
+    "/bin/sh",
+    f"bash -c 'touch {C}'",
+    "ping\x00",
     "p\u0131ng",  # dotless i
     "\uff50\uff49\uff4e\uff47",  # fullwidth "ping"
-    "scp -t /tmp", "rsync --server -e.LsfxC . /tmp", "internal-sftp", "sftp-server",
-    "ping\r", "ping\t", "ping --help",
+    "scp -t /tmp",
+    "rsync --server -e.LsfxC . /tmp",
+    "internal-sftp",
+    "sftp-server",
+    "ping\r",
+    "ping\t",
+    "ping --help",
 ]
 
 HOSTILE_SUBMITS: list[tuple[str, bytes]] = [
@@ -117,7 +149,10 @@ HOSTILE_SUBMITS: list[tuple[str, bytes]] = [
     ("body-duplicate-keys", b'{"step":"cluster_check","job_key":"a","job_key":"../b"}'),
     ("body-nan", b'{"step":"cluster_check","job_key":"k","params":{"sleep_s":NaN}}'),
     ("body-deep", b"[" * 100_000 + b"]" * 100_000),
-    ("body-oversized", b'{"step":"cluster_check","job_key":"k","params":{"x":"' + b"A" * 300_000 + b'"}}'),
+    (
+        "body-oversized",
+        b'{"step":"cluster_check","job_key":"k","params":{"x":"' + b"A" * 300_000 + b'"}}',
+    ),
 ]
 
 HOSTILE_OTHER: list[tuple[str, str, bytes]] = [
@@ -176,14 +211,23 @@ def test_hostile_submits_are_refused(site: Path, ok_job: Path, name: str, body: 
     before = sorted(p.name for p in (site.parent / "jobs").iterdir())
     reply = _assert_refused(_call(site, "submit", body), name)
     assert reply["error"]["code"] in {
-        "BAD_REQUEST", "BAD_JSON", "BAD_PARAMS", "UNKNOWN_STEP", "BODY_TOO_LARGE", "CONFLICT",
+        "BAD_REQUEST",
+        "BAD_JSON",
+        "BAD_PARAMS",
+        "UNKNOWN_STEP",
+        "BODY_TOO_LARGE",
+        "CONFLICT",
     }
     after = sorted(p.name for p in (site.parent / "jobs").iterdir())
     assert after == before, f"{name}: a refused submit created {set(after) - set(before)}"
 
 
-@pytest.mark.parametrize(("name", "verb", "body"), HOSTILE_OTHER, ids=[n for n, _, _ in HOSTILE_OTHER])
-def test_hostile_reads_are_refused(site: Path, ok_job: Path, name: str, verb: str, body: bytes) -> None:
+@pytest.mark.parametrize(
+    ("name", "verb", "body"), HOSTILE_OTHER, ids=[n for n, _, _ in HOSTILE_OTHER]
+)
+def test_hostile_reads_are_refused(
+    site: Path, ok_job: Path, name: str, verb: str, body: bytes
+) -> None:
     proc = _call(site, verb, body)
     if name == "cancel-missing":
         assert _assert_refused(proc, name)["error"]["code"] == "NOT_FOUND"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The full test suite: lint, start the HPC sandbox, run every test (sandbox tests must run,
+# not skip), stop the sandbox. Called by `make test` (after `make setup`) and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export AIRFLOW_HOME=$(pwd)
+export OMEFLOW_REQUIRE_SANDBOX=1
+PY=.venv/bin/python
+
+echo "== ruff"
+$PY -m ruff check .
+
+echo "== HPC sandbox (munge, slurmctld, slurmd, sshd on 127.0.0.1:2222)"
+$PY -m hpc_jobs.sandbox start
+trap '$PY -m hpc_jobs.sandbox stop || true' EXIT
+
+echo "== pytest"
+$PY -m pytest -ra --timeout=1200 "$@"

@@ -1,0 +1,72 @@
+"""``celldetector_preprocess`` end to end: bad input fails early; the full DAG through Slurm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.integration.test_cluster_check_dag import ssh_conn_env
+
+pytestmark = pytest.mark.slow
+
+
+def _embedded_store(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    from hooks.hpc import embedded_site_config
+    from hpc_jobs.config import SiteConfig
+    from hpc_jobs.stores.local import LocalStore
+
+    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
+    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
+    site = SiteConfig.load(embedded_site_config())
+    return LocalStore(site.store.path), site
+
+
+def test_bad_input_fails_before_any_cluster_work(run_dag, airflow_env, monkeypatch) -> None:
+    store, site = _embedded_store(airflow_env, monkeypatch)
+    plain = np.full((2, 300, 400), 100, dtype=np.uint16)
+    no_tissue = store.add_image("no-tissue", plain, ["DAPI", "CD8"])
+    result, output = run_dag(
+        "celldetector_preprocess", {"image_ids": [no_tissue, 9999], "dapi_channel": 5}
+    )
+    assert result["state"] == "failed"
+    assert result["tasks"]["check_images"]["state"] == "failed"
+    # every problem is reported at once, each naming its fix
+    assert "9999" in output and "dapi_channel=5 is out of range" in output, output[-5000:]
+    assert "no tissue ROI" in output and "tissue_" in output
+    assert not any(k.startswith("image.") and v["state"] == "success"
+                   for k, v in result["tasks"].items()), "no export ran for bad input"
+    assert not (site.data_root / "images" / str(no_tissue) / "image.zarr").exists()
+
+
+@pytest.mark.sandbox
+def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
+    from hpc_jobs.sandbox import fix_permissions
+    from hpc_jobs.stores.local import LocalStore
+    from hpc_jobs.synth import SynthSpec, generate
+
+    store = LocalStore(Path(sandbox["store"]))
+    truth = Path(sandbox["data_root"]) / "truth" / "pytest-preprocess"
+    synth = generate(SynthSpec(width=1100, height=800, seed=11), store, out_truth=truth)
+    fix_permissions()
+    image_id = synth["image_id"]
+    result, output = run_dag(
+        "celldetector_preprocess", {"image_ids": [image_id]}, env=ssh_conn_env(sandbox)
+    )
+    assert result["state"] == "success", output[-6000:]
+    tasks: dict[str, Any] = result["tasks"]
+    seg = tasks["image.segment_nuclei[0]"]["xcom"]
+    assert abs(seg["nuclei"] - synth["nuclei"]) <= 0.1 * synth["nuclei"], (seg, synth)
+    image_dir = Path(sandbox["data_root"]) / "images" / str(image_id)
+    table = pd.read_parquet(image_dir / "nuclei.parquet")
+    assert len(table) == seg["nuclei"]
+    assert (image_dir / "image.zarr" / "labels" / "nuclei").is_dir()
+    summary = json.loads((image_dir / "ecdf" / "summary.json").read_text())
+    names = {roi["name"] for roi in summary["rois"]}
+    assert names and all(n.startswith("tissue_") for n in names)
+    # the eCDF was attached to the image in the store, under its namespace
+    assert any(a.namespace == "omeflow.ecdf" for a in store.list_attachments(image_id))

@@ -412,7 +412,19 @@ class ClusterJobLogLink(BaseOperatorLink):
 
 
 def _hpc_operator_classes() -> list[type[BaseOperator]]:
-    """HpcStepOperator and every subclass imported so far (the link matches exact classes)."""
+    """HpcStepOperator and its subclasses in the ``operators`` package (Airflow matches a
+    plugin's link to exact classes, so each per-step subclass must be listed)."""
+    import importlib
+    import pkgutil
+
+    import operators
+
+    for mod in pkgutil.iter_modules(operators.__path__, prefix="operators."):
+        try:
+            importlib.import_module(mod.name)
+        except Exception as exc:  # noqa: BLE001 - one broken module must not hide the plugin
+            log.warning("omeflow plugin: cannot import %s (%s); its operators get no "
+                        "'Cluster job log' link until the import error is fixed", mod.name, exc)
     found: list[type[BaseOperator]] = []
     todo: list[type[BaseOperator]] = [HpcStepOperator]
     while todo:

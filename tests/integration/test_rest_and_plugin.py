@@ -264,6 +264,7 @@ def test_jobs_page_lists_the_job_with_its_cluster_state(
     assert "<td class='cluster-state'>COMPLETED</td>" in row, row
     assert "<td class='airflow-state'>success</td>" in row, row
     assert f"<td>{finished_run['native_id']}</td>" in row, row
+    assert f"href='/omeflow/jobs/{finished_run['job_id']}/log'" in row, row
     assert "Live cluster state unavailable" not in page
     # the UI's iframe authenticates with the _token cookie, not a header
     by_cookie = stack.api("GET", "/omeflow/jobs", auth=False, cookies={"_token": stack.token})
@@ -290,3 +291,34 @@ def test_extra_link_resolves_to_the_log_view(stack: Stack, finished_run: dict[st
     assert url == f"{stack.base_url}/omeflow/jobs/{finished_run['job_id']}/log", reply.text
     followed = stack.api("GET", url.removeprefix(stack.base_url))
     assert followed.status_code == 200 and "step cluster_check finished" in followed.text
+
+
+_RENDER_HOSTILE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from hpc_jobs.protocol import JobStatus
+import omeflow_plugin as p
+
+evil = "<script>alert(1)</script>"
+row = p.HpcJobRow(dag_id="d", run_id="r'><img src=x onerror=alert(1)>", task_id="t",
+                  map_index=-1, try_number=1, operator="HpcStepOperator", state="success",
+                  job_id="job-1", native_id=evil, hpc_conn_id="omeflow_hpc", pushed_at=None)
+live = {"job-1": JobStatus(job_id="job-1", state="FAILED", reason=evil)}
+page = p._page("HPC jobs", p.render_jobs([row], live, [evil], "")).body.decode()
+print(json.dumps({"page": page, "operators": [c.__name__ for c in p.ClusterJobLogLink.operators]}))
+"""
+
+
+def test_pages_escape_what_the_cluster_and_the_db_say(airflow_env: dict[str, str]) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _RENDER_HOSTILE, str(repo / "plugins")], env=airflow_env,
+        capture_output=True, text=True, timeout=120, check=False, cwd=repo,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    page = out["page"]
+    assert "<script>" not in page and "<img" not in page, page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "r&#x27;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "HpcStepOperator" in out["operators"]

@@ -110,7 +110,12 @@ class HpcStepOperator(BaseOperator):
             hook.transport,
         )
         context["ti"].xcom_push(
-            key="hpc_job", value={"job_id": reply.job_id, "native_id": reply.native_id}
+            key="hpc_job",
+            value={
+                "job_id": reply.job_id,
+                "native_id": reply.native_id,
+                "hpc_conn_id": self.hpc_conn_id,
+            },
         )
         if reply.state.terminal:
             status = hook.status([reply.job_id])[0]

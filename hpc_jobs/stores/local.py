@@ -328,6 +328,8 @@ class LocalStore:
             return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), dtype=info.dtype)
         with self._lock:
             arr = self._array(info.image_id, level)
+            if arr.ndim == 2:  # a 1-channel TIFF series has no channel axis
+                return np.asarray(arr[y0:y1, x0:x1])
             return np.asarray(arr[channel, y0:y1, x0:x1])
 
     def add_image(

@@ -317,3 +317,18 @@ def test_concurrent_writers_do_not_lose_records(harness: Harness, image: int) ->
     assert len({r.roi_id for r in rois}) == 2 * n
     anns = [m for m in harness.store.get_map_annotations(image) if m.namespace.count("/") == 3]
     assert len(anns) == 2 * n
+
+
+def test_local_single_channel_image_reads(tmp_path) -> None:
+    """A 1-channel image (the TIFF series has no channel axis) reads like any other."""
+    import numpy as np
+
+    from hpc_jobs.stores.local import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    pixels = np.arange(90 * 70, dtype=np.uint16).reshape(1, 90, 70)
+    image_id = store.add_image("one-channel", pixels, ["DAPI"])
+    assert store.get_image(image_id).size_c == 1
+    np.testing.assert_array_equal(
+        store.read_region(image_id, 0, 10, 50, 5, 60), pixels[0, 10:50, 5:60]
+    )

@@ -1,10 +1,11 @@
 """Parallel efficiency of ``segment_nuclei`` inside one node: PEFF = T1 / (p * Tp).
 
 Renders a synthetic slide (``--size`` px square, nuclei ~20 px), writes it as the export
-step does (chunks 1024, shards 2048), then for each p in ``--procs`` runs the tiles phase
-with p worker processes x ``--threads`` torch threads each (a fresh result folder per p),
-then the merge phase, and prints one table: T (tiles phase wall time), speedup, PEFF, merge
-time, and the per-tile overhead split (model load vs read / segment / post / write).
+step does (chunks 1024, shards 2048; smaller when ``--block`` is smaller), then for each p
+in ``--procs`` runs the tiles phase with p worker processes x ``--threads`` torch threads
+each (a fresh result folder per p), then the merge phase, and prints one table: T (tiles
+phase wall time), speedup, PEFF, merge time, and the per-tile overhead split (model load
+vs read / segment / post / write).
 
 Usage::
 
@@ -36,15 +37,17 @@ def _context(root: Path, cpus: int) -> StepContext:
                        resources=Resources(cpus=cpus), secrets=Secrets())
 
 
-def _write_image(ctx: StepContext, size: int, seed: int) -> int:
+def _write_image(ctx: StepContext, size: int, seed: int, block: int) -> int:
     import zarr
 
     from hpc_jobs.segmentation.synthetic import render_nuclei
 
     image, truth = render_nuclei((size, size), seed=seed, channels=2)
     group = zarr.open_group(ctx.image_dir(1) / "image.zarr", mode="w", zarr_format=3)
-    arr = group.create_array("0", shape=image.shape, chunks=(1, 1024, 1024),
-                             shards=(1, 2048, 2048), dtype="uint16")
+    shard = min(2048, block)
+    chunk = min(1024, shard)
+    arr = group.create_array("0", shape=image.shape, chunks=(1, chunk, chunk),
+                             shards=(1, shard, shard), dtype="uint16")
     arr[...] = image
     return int(truth.max())
 
@@ -70,7 +73,7 @@ def main() -> int:
     ensure_model()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="segment_peff_"))
     t0 = time.perf_counter()
-    n_true = _write_image(_context(root, 1), args.size, args.seed)
+    n_true = _write_image(_context(root, 1), args.size, args.seed, args.block)
     print(f"image {args.size}x{args.size} x2 channels, {n_true} nuclei, written in "
           f"{time.perf_counter() - t0:.1f}s to {root}; cores on this machine: "
           f"{os.cpu_count()}")

@@ -50,6 +50,7 @@ from hpc_jobs.protocol import (
     LogReply,
     LogRequest,
     PingReply,
+    Resources,
     ResultReply,
     ResultRequest,
     StatusReply,
@@ -165,7 +166,9 @@ class Gateway:
                 f"{first['msg']}",
                 details,
             ) from None
-        resources = req.resources.apply(spec.resources)
+        # A step's defaults are suggestions: scaled down to what this site allows. A caller's
+        # explicit override above the site's limits is refused with the limit named.
+        resources = req.resources.apply(self._clamped(spec.resources))
         self._check_limits(resources)
         job = self.job(req.job_key)
         record = {
@@ -267,6 +270,17 @@ class Gateway:
         if record is None:
             raise GatewayError(ErrorCode.NOT_FOUND, f"no job with id {job.job_id!r}")
         return record
+
+    def _clamped(self, res: Resources) -> Resources:
+        lim = self.site.slurm
+        return res.model_copy(
+            update={
+                "cpus": min(res.cpus, lim.max_cpus),
+                "mem_mb": min(res.mem_mb, lim.max_mem_mb),
+                "time_min": min(res.time_min, lim.max_time_min),
+                "gpus": min(res.gpus, lim.max_gpus),
+            }
+        )
 
     def _check_limits(self, res: Any) -> None:
         lim = self.site.slurm

@@ -326,6 +326,21 @@ class JobStatus(_Strict):
     array_states: dict[str, int] | None = None
 
 
+#: Slurm pending reasons that mean the job will never start as submitted (it asks for more
+#: than the partition has, or for an account/QOS it may not use). Waiting on them is pointless.
+NEVER_STARTS_REASONS: tuple[str, ...] = (
+    "PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit",
+    "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
+    "DependencyNeverSatisfied",
+)
+
+
+def never_starts(status: JobStatus) -> bool:
+    """True for a PENDING job that Slurm will never start (see :data:`NEVER_STARTS_REASONS`)."""
+    reason = status.reason or ""
+    return status.state is JobState.PENDING and any(r in reason for r in NEVER_STARTS_REASONS)
+
+
 class StatusReply(_Strict):
     ok: Literal[True] = True
     jobs: list[JobStatus]

@@ -157,6 +157,13 @@ class HpcStepOperator(BaseOperator):
         )
         if event.get("error"):
             raise AirflowException(f"lost track of cluster job {job_id}: {event['error']}")
+        if state is JobState.PENDING:  # the trigger gave up on a job that can never start
+            self.hook.cancel(job_id)
+            raise AirflowFailException(
+                f"{what}: Slurm will never start this job as submitted ({event.get('reason')}); "
+                f"it asked for {self.hpc_resources or 'the step defaults'}: lower hpc_resources "
+                "or ask the HPC admin which partition/account fits. The job was cancelled."
+            )
         if state is JobState.COMPLETED:
             self.log.info("%s", what)
             return

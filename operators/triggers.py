@@ -17,7 +17,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from hooks.hpc import AsyncGatewayClient, HpcGatewayError, HpcTransportError
-from hpc_jobs.protocol import MAX_STATUS_IDS, JobStatus
+from hpc_jobs.protocol import MAX_STATUS_IDS, JobStatus, never_starts
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class StatusPoller:
                 self.polls += 1
                 failures = 0
                 for status in statuses:
-                    if status.state.terminal:
+                    if status.state.terminal or never_starts(status):
                         for fut in self.waiters.get(status.job_id, []):
                             if not fut.done():
                                 fut.set_result(status)

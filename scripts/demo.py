@@ -74,7 +74,7 @@ def main() -> int:
     for roi in summary["rois"]:
         for ch in roi["channels"]:
             q = ch["quantiles"]
-            print(f"     {roi['name']:<10} {ch['channel_name']:<5} pixels={ch['pixels']:>9} "
+            print(f"     {roi['roi']:<10} {ch['channel_name']:<5} pixels={ch['pixels']:>9} "
                   f"q05={q['0.05']:>6.0f} q50={q['0.5']:>6.0f} q95={q['0.95']:>6.0f}")
     return 0
 

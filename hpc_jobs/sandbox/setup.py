@@ -164,12 +164,17 @@ def ensure_munge() -> None:
     wait_for(_munge_ok, 15, "munged to answer (see " + str(P.MUNGED_LOG) + ")")
 
 
+def node_size() -> tuple[int, int]:
+    """(CPUs, RealMemory in MB) of the sandbox's one node."""
+    cpus = os.cpu_count() or 1
+    mem_total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    return cpus, max(512, int(mem_total_mb * 0.9))
+
+
 def slurm_conf_text() -> str:
     """slurm.conf for one node on 127.0.0.1 that runs several 1-CPU jobs at once."""
     host = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
-    mem_total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    real_mem = max(512, int(mem_total_mb * 0.9))
+    cpus, real_mem = node_size()
     return f"""# Written by `omeflow sandbox start` (hpc_jobs/sandbox). Overwritten on every start.
 ClusterName={P.CLUSTER}
 SlurmctldHost={host}(127.0.0.1)
@@ -361,7 +366,9 @@ def ensure_dirs(pw: pwd.struct_passwd) -> None:
         scheduler="slurm",
         python=P.HPC_PYTHON,
         store=StoreConfig(kind="local", path=P.STORE),
-        slurm=SlurmConfig(partition=P.PARTITION),
+        # the node's size is the most a job can get: larger step defaults are scaled down
+        slurm=SlurmConfig(partition=P.PARTITION, max_cpus=node_size()[0],
+                          max_mem_mb=node_size()[1]),
         models=ModelsConfig(cellpose=weights),
     )
     P.SITE_TOML.write_text(site.to_toml())

@@ -15,6 +15,7 @@ writes the table). See :mod:`hpc_jobs.segmentation` for the pieces.
 from __future__ import annotations
 
 import time
+from math import ceil
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -42,10 +43,10 @@ class Params(StepParams):
 
     @model_validator(mode="after")
     def _halo_fits_nuclei(self) -> Params:
-        if self.halo < self.diameter:
-            raise ValueError(f"halo={self.halo} is smaller than diameter={self.diameter}; "
-                             f"use halo >= {int(self.diameter * 2)} so every nucleus owned "
-                             "by a tile lies fully inside its window")
+        if self.halo < 2 * self.diameter:
+            raise ValueError(f"halo={self.halo} is less than 2 x diameter={self.diameter}; "
+                             f"use halo >= {ceil(self.diameter * 2)} so every nucleus owned "
+                             "by a tile (or claimed at a seam) lies fully inside its window")
         return self
 
 

@@ -66,7 +66,7 @@ def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
     assert len(table) == seg["nuclei"]
     assert (image_dir / "image.zarr" / "labels" / "nuclei").is_dir()
     summary = json.loads((image_dir / "ecdf" / "summary.json").read_text())
-    names = {roi["name"] for roi in summary["rois"]}
+    names = {roi["roi"] for roi in summary["rois"]}
     assert names and all(n.startswith("tissue_") for n in names)
     # the eCDF was attached to the image in the store, under its namespace
     assert any(a.namespace == "omeflow.ecdf" for a in store.list_attachments(image_id))

@@ -69,3 +69,13 @@ def test_requests_refuse_unknown_fields_and_coercion() -> None:
         SubmitRequest.model_validate({"step": "cluster_check", "job_key": 5}, strict=True)
     with pytest.raises(ValidationError):
         SubmitRequest.model_validate({"step": "cluster_check", "job_key": "a\nb"})
+
+
+def test_pending_for_a_reason_that_never_clears_is_detected() -> None:
+    from hpc_jobs.protocol import JobStatus, never_starts
+
+    stuck = JobStatus(job_id="j", state=JobState.PENDING, reason="PartitionConfig")
+    waiting = JobStatus(job_id="j", state=JobState.PENDING, reason="Resources")
+    running = JobStatus(job_id="j", state=JobState.RUNNING, reason="PartitionConfig")
+    assert never_starts(stuck)
+    assert not never_starts(waiting) and not never_starts(running)

@@ -2,7 +2,8 @@
 
 Resolution order (first hit wins), see :func:`resolve_model_path`:
 
-1. ``params.model``: a path to a Cellpose model file;
+1. ``params.model``: a model file inside one of the site's model folders (a caller may not
+   point torch at any other file), or a bare model name;
 2. ``[models] cellpose`` in site.toml: a model file, or a directory holding model files;
 3. ``$CELLPOSE_LOCAL_MODELS_PATH/<name>`` (cellpose's own variable);
 4. the model trained by ``omeflow bootstrap-model`` in ``$OMEFLOW_CACHE/models/``.
@@ -48,12 +49,35 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.startswith(".") or value.startswith("~")
 
 
+def allowed_model_roots(site_cellpose: Path | None) -> list[Path]:
+    """Folders a ``params.model`` path may point into: the site's model folder (or the folder
+    of its model file), ``$CELLPOSE_LOCAL_MODELS_PATH`` and the bootstrap cache."""
+    roots: list[Path] = []
+    if site_cellpose is not None:
+        site = Path(site_cellpose).resolve()
+        roots.append(site.parent if site.is_file() else site)
+    if os.environ.get("CELLPOSE_LOCAL_MODELS_PATH"):
+        roots.append(Path(os.environ["CELLPOSE_LOCAL_MODELS_PATH"]).resolve())
+    roots.append((cache_dir() / "models").resolve())
+    return roots
+
+
 def resolve_model_path(requested: str | None, site_cellpose: Path | None) -> Path:
     """Return the weights file to use; raise :class:`ModelNotFoundError` naming the fix."""
     tried: list[str] = []
     names = DEFAULT_NAMES
     if requested:
         p = Path(requested).expanduser()
+        if _looks_like_path(requested):
+            # A caller-chosen path is loaded (unpickled) by torch: only files inside the
+            # folders the HPC admin set up for models are acceptable.
+            roots = allowed_model_roots(site_cellpose)
+            if not any(p.resolve().is_relative_to(r) for r in roots):
+                raise ModelNotFoundError(
+                    f"params.model={requested!r} is outside this site's model folders "
+                    f"({', '.join(map(str, roots)) or 'none configured'}); ask the HPC admin "
+                    "to install the weights there and pass their name"
+                )
         if p.is_file():
             return p.resolve()
         if _looks_like_path(requested) or p.is_dir():

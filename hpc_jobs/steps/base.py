@@ -54,11 +54,12 @@ class StepContext:
 
     @property
     def cpus(self) -> int:
-        """CPUs this job may use: Slurm's allocation, else the requested count."""
+        """CPUs this job may use: Slurm's allocation, else the requested count capped at the
+        CPUs this process may run on (the local scheduler does not allocate)."""
         for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
             if os.environ.get(var, "").isdigit():
                 return max(1, int(os.environ[var]))
-        return self.resources.cpus
+        return max(1, min(self.resources.cpus, len(os.sched_getaffinity(0))))
 
     def image_dir(self, image_id: int) -> Path:
         """Data folder of one image on cluster storage (Zarr, tables, eCDFs)."""

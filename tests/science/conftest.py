@@ -15,7 +15,7 @@ from hpc_jobs.steps.base import StepContext
 
 @pytest.fixture(scope="session")
 def cellpose_model() -> Path:
-    """The bootstrapped model (trained once, ~2-5 min on 2 cores; cached afterwards)."""
+    """The bootstrapped model (trained once: ~12-15 min on 2 busy cores; cached afterwards)."""
     from hpc_jobs.segmentation.bootstrap import ensure_model
 
     return ensure_model()

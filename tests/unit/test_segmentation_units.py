@@ -73,11 +73,17 @@ def test_model_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (site_dir / "mine").write_bytes(b"w")
     assert seg_model.resolve_model_path(None, site_dir) == site_dir / "nucleitorch_0"
     assert seg_model.resolve_model_path("mine", site_dir) == site_dir / "mine"
-    explicit = tmp_path / "explicit_model"
+    explicit = site_dir / "explicit_model"
     explicit.write_bytes(b"w")
     assert seg_model.resolve_model_path(str(explicit), site_dir) == explicit.resolve()
     with pytest.raises(seg_model.ModelNotFoundError, match="params.model"):
-        seg_model.resolve_model_path(str(tmp_path / "missing" / "m"), site_dir)
+        seg_model.resolve_model_path(str(site_dir / "missing" / "m"), site_dir)
+    # a path outside the site's model folders is refused even if the file exists
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes(b"w")
+    for hostile in (str(outside), "/etc/passwd", str(site_dir / ".." / "elsewhere.pt")):
+        with pytest.raises(seg_model.ModelNotFoundError, match="outside this site's model"):
+            seg_model.resolve_model_path(hostile, site_dir)
     with pytest.raises(seg_model.ModelNotFoundError, match="site.toml"):
         seg_model.resolve_model_path("unknown_name", site_dir)
 

@@ -52,6 +52,11 @@ with DAG(
             None, type=["null", "string"],
             description="Cellpose model file or name on the cluster (empty: the site's model)",
         ),
+        "block_size": Param(
+            2048, type="integer", minimum=256, maximum=16384, multipleOf=256,
+            description="edge (px) of the blocks one writer / one Cellpose tile owns "
+            "(= the Zarr shard); 2048 suits whole slides",
+        ),
         "segment_array_tasks": Param(
             1, type="integer", minimum=1, maximum=256,
             description="split segmentation over this many Slurm array tasks (large images)",
@@ -75,12 +80,15 @@ with DAG(
         """export → segment → ecdf for one image."""
         export = ExportZarrOperator(
             task_id="export_zarr", image_id=image_id,
+            block_size="{{ params.block_size }}",
+            chunk_size="{{ [1024, params.block_size] | min }}",
             enabled="{{ 'export_zarr' in params.steps }}", poll_interval=2.0,
         )
         segment = SegmentNucleiOperator(
             task_id="segment_nuclei", image_id=image_id,
             dapi_channel="{{ params.dapi_channel }}", diameter="{{ params.diameter }}",
-            model="{{ params.model }}", array_tasks="{{ params.segment_array_tasks }}",
+            model="{{ params.model }}", block_size="{{ params.block_size }}",
+            array_tasks="{{ params.segment_array_tasks }}",
             enabled="{{ 'segment_nuclei' in params.steps }}", trigger_rule="none_failed",
             poll_interval=2.0,
         )

@@ -124,7 +124,9 @@ class JobDir:
             f'"""omeflow job {self.job_id}: written by the gateway; runs one step, no shell."""\n'
             "import sys\n\n"
             "from hpc_jobs.run import main\n\n"
-            f"sys.exit(main({str(self.path)!r}))\n"
+            "# guarded: worker processes a step spawns re-import this file as their __main__\n"
+            'if __name__ == "__main__":\n'
+            f"    sys.exit(main({str(self.path)!r}))\n"
         )
         _write_private(self.script_path, script, mode=0o700)
 

@@ -43,13 +43,17 @@ class ExportZarrOperator(_ImageStepOperator):
 
     :param image_id: image in the store (templated).
     :param overwrite: export again even if a complete Zarr exists.
+    :param block_size: shard edge = the block one writer (and one Cellpose tile) owns.
+    :param chunk_size: chunk edge inside shards (divides ``block_size``).
     """
 
     step_name = "export_zarr"
 
-    def __init__(self, *, overwrite: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, overwrite: bool = False, block_size: Any = 2048,
+                 chunk_size: Any = 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.step_params = {"overwrite": overwrite, **self.step_params}
+        self.step_params = {"overwrite": overwrite, "block_size": block_size,
+                            "chunk_size": chunk_size, **self.step_params}
 
 
 class SegmentNucleiOperator(_ImageStepOperator):
@@ -57,7 +61,9 @@ class SegmentNucleiOperator(_ImageStepOperator):
 
     :param image_id: image (its Zarr must exist: run ExportZarrOperator first). Templated.
     :param dapi_channel: nuclear stain channel. :param diameter: nucleus diameter in px.
-    :param model: Cellpose model path or name (default: the site's, else the bootstrapped one).
+    :param model: Cellpose model name or a file in the site's model folders (default: the
+        site's model, else the bootstrapped one).
+    :param block_size: tile core edge; equals the Zarr shard edge of the export.
     :param array_tasks: > 1 splits the tiles over that many array tasks (one node each),
         followed by a merge job; 1 runs everything in one job (processes inside the node).
     """
@@ -66,10 +72,10 @@ class SegmentNucleiOperator(_ImageStepOperator):
     template_fields: Sequence[str] = (*_ImageStepOperator.template_fields, "array_tasks")
 
     def __init__(self, *, dapi_channel: Any = 0, diameter: Any = 20.0, model: Any = None,
-                 array_tasks: Any = 1, **kwargs: Any) -> None:
+                 block_size: Any = 2048, array_tasks: Any = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step_params = {"dapi_channel": dapi_channel, "diameter": diameter, "model": model,
-                            **self.step_params}
+                            "block_size": block_size, **self.step_params}
         self.array_tasks = array_tasks
 
     def execute(self, context: Context) -> Any:

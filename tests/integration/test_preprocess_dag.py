@@ -38,8 +38,9 @@ def test_bad_input_fails_before_any_cluster_work(run_dag, airflow_env, monkeypat
     # every problem is reported at once, each naming its fix
     assert "9999" in output and "dapi_channel=5 is out of range" in output, output[-5000:]
     assert "no tissue ROI" in output and "tissue_" in output
-    assert not any(k.startswith("image.") and v["state"] == "success"
-                   for k, v in result["tasks"].items()), "no export ran for bad input"
+    assert not any(
+        k.startswith("image.") and v["state"] == "success" for k, v in result["tasks"].items()
+    ), "no export ran for bad input"
     assert not (site.data_root / "images" / str(no_tissue) / "image.zarr").exists()
 
 
@@ -70,3 +71,58 @@ def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
     assert names and all(n.startswith("tissue_") for n in names)
     # the eCDF was attached to the image in the store, under its namespace
     assert any(a.namespace == "omeflow.ecdf" for a in store.list_attachments(image_id))
+
+
+@pytest.mark.sandbox
+def test_segmentation_as_slurm_array_plus_merge(run_dag, sandbox) -> None:
+    """Tiles over a 2-task Slurm array, then one merge job: the same nuclei as one job."""
+    from hpc_jobs.sandbox import fix_permissions
+    from hpc_jobs.stores.local import LocalStore
+    from hpc_jobs.synth import SynthSpec, generate
+
+    store = LocalStore(Path(sandbox["store"]))
+    truth = Path(sandbox["data_root"]) / "truth" / "pytest-array"
+    synth = generate(SynthSpec(width=1000, height=700, seed=5), store, out_truth=truth)
+    fix_permissions()
+    conf = {
+        "image_ids": [synth["image_id"]],
+        "steps": ["export_zarr", "segment_nuclei"],
+        "block_size": 512,
+        "segment_array_tasks": 2,
+    }
+    result, output = run_dag("celldetector_preprocess", conf, env=ssh_conn_env(sandbox))
+    assert result["state"] == "success", output[-6000:]
+    seg = result["tasks"]["image.segment_nuclei[0]"]["xcom"]
+    assert seg["tiles"] == 4, seg  # 2 x 2 tiles of 512 px
+    assert "merge job" in output, "the merge ran as its own job after the array"
+    assert abs(seg["nuclei"] - synth["nuclei"]) <= 0.1 * synth["nuclei"], (seg, synth)
+    table = pd.read_parquet(
+        Path(sandbox["data_root"]) / "images" / str(synth["image_id"]) / "nuclei.parquet"
+    )
+    xy = table[["x", "y"]].to_numpy()
+    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
+    assert d.min() > 3, "no nucleus counted twice on a tile seam"
+
+
+def test_full_preprocess_dag_on_the_embedded_default(run_dag, airflow_env, monkeypatch) -> None:
+    """The main job's path: local store, local scheduler; segmentation spawns 2 workers."""
+    from hpc_jobs.synth import SynthSpec, generate
+
+    store, site = _embedded_store(airflow_env, monkeypatch)
+    synth = generate(
+        SynthSpec(width=900, height=700, seed=21),
+        store,
+        out_truth=site.data_root / "truth" / "pytest-local",
+    )
+    conf = {"image_ids": [synth["image_id"]], "block_size": 512}
+    result, output = run_dag("celldetector_preprocess", conf)
+    assert result["state"] == "success", output[-6000:]
+    seg = result["tasks"]["image.segment_nuclei[0]"]["xcom"]
+    assert seg["tiles"] == 4 and abs(seg["nuclei"] - synth["nuclei"]) <= 0.1 * synth["nuclei"]
+    assert "2 process(es)" in output, "segmentation ran its process pool inside the job"
+    summary = json.loads(
+        (site.data_root / "images" / str(synth["image_id"]) / "ecdf" / "summary.json").read_text()
+    )
+    assert {r["roi"] for r in summary["rois"]} == {
+        r.name for r in store.get_rois(synth["image_id"]) if r.name.startswith("tissue_")
+    }

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,10 +22,10 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hpc_jobs.fsutil import atomic_write, file_lock
 from hpc_jobs.protocol import Secrets
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,159}")
@@ -38,15 +37,8 @@ class JobDirError(Exception):
 
 
 def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write a file atomically that only the owner can read (created with ``mode``)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Write a file atomically that only the owner can read (or ``mode``)."""
+    atomic_write(path, text, mode)
 
 
 class JobDir:
@@ -96,18 +88,11 @@ class JobDir:
         return self.path / ("exit.json" if task is None else f"exit.{task}.json")
 
     # -- creation -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise submits of one job key (two callers racing get one job)."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(locks / f"{self.job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        return file_lock(locks / f"{self.job_id}.lock")
 
     def create(self, record: dict[str, Any], secrets: Secrets, python: Path) -> None:
         """Write request, secrets and the job script (a fresh directory)."""

@@ -16,20 +16,19 @@ the first one instead of training twice.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hpc_jobs.fsutil import file_lock
 from hpc_jobs.segmentation.model import BOOTSTRAP_MODEL_NAME, cache_dir, preprocess, segment
 from hpc_jobs.segmentation.synthetic import render_nuclei
 
@@ -139,17 +138,6 @@ def _cellpose_version() -> str:
     return version("cellpose")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_model(out_dir: Path | None = None, epochs: int = 20, force: bool = False,
                  log: Callable[[str], None] = print) -> Path:
     """Return the bootstrapped model path, training it first if it is not cached yet.
@@ -160,7 +148,7 @@ def ensure_model(out_dir: Path | None = None, epochs: int = 20, force: bool = Fa
     out_dir = Path(out_dir) if out_dir else cache_dir() / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / BOOTSTRAP_MODEL_NAME
-    with _locked(out_dir / f".{BOOTSTRAP_MODEL_NAME}.lock"):
+    with file_lock(out_dir / f".{BOOTSTRAP_MODEL_NAME}.lock"):
         if path.is_file() and not force:
             return path
         meta = train(path, epochs=epochs, log=log)

@@ -35,11 +35,9 @@ Creating an image (OMERO gets images by import; here it is an explicit call)::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc_jobs.fsutil import atomic_write, file_lock
 from hpc_jobs.stores.base import (
     Attachment,
     EllipseShape,
@@ -72,32 +71,9 @@ PIXELS = "pixels.ome.tif"
 
 
 # --------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (created if missing), across processes."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # records are for people to read; mkstemp makes 0600
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Atomic write of a record; 0644: the store's records are for people to read."""
+    atomic_write(path, data, mode=0o644)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -22,20 +22,10 @@ from pathlib import Path
 import numpy as np
 import shapely
 from shapely.geometry import Polygon
+from synthetic_pixels import synthetic_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 from hpc_jobs import ecdf_core, ngff
 from hpc_jobs.steps.export_zarr import run_blocks
-
-
-def synthetic_block(c: int, y0: int, y1: int, x0: int, x1: int, seed: int = 0) -> np.ndarray:
-    """Tissue-like uint16 pixels: smooth blobs + noise, reproducible per block."""
-    rng = np.random.default_rng([seed, c, y0, x0])
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    base = 800 + 600 * np.sin(xx / (97 + 13 * c)) * np.cos(yy / 131) + 400 * np.sin(
-        (xx + yy) / 53
-    )
-    noise = rng.normal(0, 120, size=base.shape)
-    return np.clip(base + noise, 0, 65535).astype(np.uint16)
 
 
 def make_zarr(path: Path, size: int, channels: int, workers: int) -> object:

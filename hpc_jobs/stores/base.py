@@ -32,6 +32,16 @@ class ImageNotFound(StoreError):
     """No image with that id (or the session may not see it)."""
 
 
+def checked_attachment(path: Path, namespace: str) -> Path:
+    """The file to attach, after the checks every store makes (a file, a namespace)."""
+    src = Path(path)
+    if not src.is_file():
+        raise StoreError(f"cannot attach {src}: not a file")
+    if not namespace:
+        raise StoreError("attach_file needs a namespace, e.g. 'omeflow/ecdf'")
+    return src
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """Metadata of one image (a single timepoint and z-plane: c, y, x)."""

@@ -60,6 +60,7 @@ from hpc_jobs.stores.base import (
     Roi,
     Shape,
     StoreError,
+    checked_attachment,
 )
 
 #: ``source(c, y0, y1, x0, x1) -> 2-D array`` of one channel's pixels ``[y0:y1, x0:x1]``.
@@ -586,11 +587,7 @@ class LocalStore:
         replace: bool = True,
     ) -> int:
         """Copy ``path`` into the store; ``replace`` drops earlier ones of same name + ns."""
-        src = Path(path)
-        if not src.is_file():
-            raise StoreError(f"cannot attach {src}: not a file")
-        if not namespace:
-            raise StoreError("attach_file needs a namespace, e.g. 'omeflow/ecdf'")
+        src = checked_attachment(path, namespace)
         fname = _safe_name(name or src.name)
         img = self._image_dir(image_id)
         att_dir = img / "attachments"

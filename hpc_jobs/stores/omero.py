@@ -55,6 +55,7 @@ from hpc_jobs.stores.base import (
     Roi,
     Shape,
     StoreError,
+    checked_attachment,
 )
 
 INSTALL_HINT = "pip install 'omeflow[omero]' (needs Python 3.10 for zeroc-ice 3.6.5)"
@@ -425,11 +426,7 @@ class OmeroStore:
         """Upload ``path`` as a FileAnnotation under ``namespace`` and link it to the image."""
         from omero.gateway import FileAnnotationWrapper
 
-        src = Path(path)
-        if not src.is_file():
-            raise StoreError(f"cannot attach {src}: not a file")
-        if not namespace:
-            raise StoreError("attach_file needs a namespace, e.g. 'omeflow/ecdf'")
+        src = checked_attachment(path, namespace)
         fname = name or src.name
         if "/" in fname or fname in {"", ".", ".."}:
             raise StoreError(f"attachment name {fname!r} is not a plain file name")

@@ -44,6 +44,15 @@ def client(sandbox: dict[str, Any]) -> paramiko.SSHClient:
     cli.close()
 
 
+def known_hosts(sandbox: dict[str, Any], tmp_path: Path) -> Path:
+    """A known_hosts file pinning the sandbox sshd's host key."""
+    path = tmp_path / "known_hosts"
+    path.write_text(
+        f"[{sandbox['host']}]:{sandbox['port']} {sandbox['host_key_type']} {sandbox['host_key']}\n"
+    )
+    return path
+
+
 def run(cli: paramiko.SSHClient, command: str, body: bytes = b"{}") -> tuple[int, dict | None]:
     chan = cli.get_transport().open_session(timeout=20)
     chan.settimeout(60)
@@ -116,10 +125,7 @@ def test_remote_port_forwarding_is_refused(client: paramiko.SSHClient) -> None:
 
 
 def test_openssh_client_sees_the_same(sandbox: dict[str, Any], tmp_path: Path) -> None:
-    known = tmp_path / "known_hosts"
-    known.write_text(
-        f"[{sandbox['host']}]:{sandbox['port']} {sandbox['host_key_type']} {sandbox['host_key']}\n"
-    )
+    known = known_hosts(sandbox, tmp_path)
     base = [
         "ssh",
         "-i",
@@ -160,10 +166,7 @@ def test_openssh_client_sees_the_same(sandbox: dict[str, Any], tmp_path: Path) -
 def test_local_forward_through_openssh_gets_nothing(
     sandbox: dict[str, Any], tmp_path: Path
 ) -> None:
-    known = tmp_path / "known_hosts"
-    known.write_text(
-        f"[{sandbox['host']}]:{sandbox['port']} {sandbox['host_key_type']} {sandbox['host_key']}\n"
-    )
+    known = known_hosts(sandbox, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

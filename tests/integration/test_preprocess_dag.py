@@ -44,16 +44,22 @@ def test_bad_input_fails_before_any_cluster_work(run_dag, airflow_env, monkeypat
     assert not (site.data_root / "images" / str(no_tissue) / "image.zarr").exists()
 
 
-@pytest.mark.sandbox
-def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
+def _sandbox_image(sandbox: dict[str, Any], width: int, height: int, seed: int):
+    """A synthetic slide in the sandbox's store, readable by the HPC user."""
     from hpc_jobs.sandbox import fix_permissions
     from hpc_jobs.stores.local import LocalStore
     from hpc_jobs.synth import SynthSpec, generate
 
     store = LocalStore(Path(sandbox["store"]))
-    truth = Path(sandbox["data_root"]) / "truth" / "pytest-preprocess"
-    synth = generate(SynthSpec(width=1100, height=800, seed=11), store, out_truth=truth)
+    truth = Path(sandbox["data_root"]) / "truth" / f"pytest-{width}x{height}-{seed}"
+    synth = generate(SynthSpec(width=width, height=height, seed=seed), store, out_truth=truth)
     fix_permissions()
+    return store, synth
+
+
+@pytest.mark.sandbox
+def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
+    store, synth = _sandbox_image(sandbox, 1100, 800, seed=11)
     image_id = synth["image_id"]
     result, output = run_dag(
         "celldetector_preprocess", {"image_ids": [image_id]}, env=ssh_conn_env(sandbox)
@@ -76,14 +82,7 @@ def test_full_preprocess_dag_through_slurm(run_dag, sandbox) -> None:
 @pytest.mark.sandbox
 def test_segmentation_as_slurm_array_plus_merge(run_dag, sandbox) -> None:
     """Tiles over a 2-task Slurm array, then one merge job: the same nuclei as one job."""
-    from hpc_jobs.sandbox import fix_permissions
-    from hpc_jobs.stores.local import LocalStore
-    from hpc_jobs.synth import SynthSpec, generate
-
-    store = LocalStore(Path(sandbox["store"]))
-    truth = Path(sandbox["data_root"]) / "truth" / "pytest-array"
-    synth = generate(SynthSpec(width=1000, height=700, seed=5), store, out_truth=truth)
-    fix_permissions()
+    _, synth = _sandbox_image(sandbox, 1000, 700, seed=5)
     conf = {
         "image_ids": [synth["image_id"]],
         "steps": ["export_zarr", "segment_nuclei"],

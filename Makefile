@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 export AIRFLOW_HOME := $(CURDIR)
 
-.PHONY: setup demo test test-fast lint bench-overhead hpc-sandbox hpc-sandbox-stop clean
+.PHONY: setup demo test test-fast test-omero-lane lint bench-overhead hpc-sandbox hpc-sandbox-stop clean
 
 # venv (torch CPU first), Airflow DB (SQLite under var/), Cellpose model (cached outside git)
 setup:
@@ -19,6 +19,10 @@ test: setup
 # Unit + security tests only (no sandbox, no Airflow runs)
 test-fast: setup
 	$(PY) -m pytest -q tests/unit tests/security tests/contract
+
+# Optional: OmeroStore against real omero-py classes (Python 3.10 + zeroc-ice; not in CI)
+test-omero-lane:
+	bash scripts/omero_lane.sh
 
 lint:
 	$(PY) -m ruff check .

@@ -27,9 +27,13 @@ Example::
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from typing import Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the OMERO lane (zeroc-ice 3.6.5 needs it)
+    import tomli as tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 

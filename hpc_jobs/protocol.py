@@ -94,7 +94,8 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Job states
 # ---------------------------------------------------------------------------------------------
-class JobState(enum.StrEnum):
+# (str, Enum), not StrEnum: the cluster side also runs on Python 3.10 (OMERO's zeroc-ice)
+class JobState(str, enum.Enum):  # noqa: UP042
     """Every Slurm job state, plus UNKNOWN (the scheduler no longer knows the job)."""
 
     PENDING = "PENDING"
@@ -194,7 +195,7 @@ _ALIASES: dict[str, JobState] = {
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-class ErrorCode(enum.StrEnum):
+class ErrorCode(str, enum.Enum):  # noqa: UP042
     """Why the gateway refused or failed a call."""
 
     BAD_VERB = "BAD_VERB"  # SSH_ORIGINAL_COMMAND is not exactly one known verb

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export AIRFLOW_HOME=$(pwd)
 export OMEFLOW_REQUIRE_SANDBOX=1
+export OMEFLOW_SLOW_TESTS=1  # the bounded-memory synth test (~40 s)
 PY=.venv/bin/python
 
 echo "== ruff"

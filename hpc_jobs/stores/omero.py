@@ -135,10 +135,21 @@ class OmeroStore:
                 "(hooks/omero.py) and sends it in the request's secrets"
             )
         conn = blitz(host=host, port=port, secure=secure)
-        if not conn.connect(sUuid=session_key):
+        try:
+            joined = conn.connect(sUuid=session_key)
+        except Exception as exc:  # noqa: BLE001 - Ice raises many types; all mean "not joined"
+            conn.close()
+            raise StoreError(
+                f"could not reach OMERO at {host}:{port} ({type(exc).__name__}): check "
+                "store.host / store.port in site.toml and that compute nodes can reach it "
+                "(directly or through the login node's reverse tunnel)"
+            ) from None
+        if not joined:
+            conn.close()
             raise StoreError(
                 f"could not join OMERO session at {host}:{port}: the key is expired or "
-                "invalid; re-run the task so the orchestrator mints a fresh one"
+                "invalid, or the server is unreachable; re-run the task so the orchestrator "
+                "mints a fresh key, and check that compute nodes can reach the server"
             )
         return cls._ready(conn, close_session=False)
 

@@ -58,6 +58,15 @@ def main() -> int:
         rows.append((task_s, job_s, task_s - job_s, wall))
         print(f"run {i + 1:2d}: {run.state}  task {task_s:6.2f} s  job {job_s:5.2f} s  "
               f"overhead {task_s - job_s:6.2f} s  (dag.test wall {wall:5.1f} s)", flush=True)
+    # one gateway round trip (SSH exec or subprocess + validation + one scheduler query)
+    ids = [hook.status([job["job_id"]])[0].job_id]
+    trips = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        hook.status(ids)
+        trips.append(time.perf_counter() - t0)
+    print(f"gateway status round trip: median {statistics.median(trips) * 1000:.0f} ms "
+          f"(min {min(trips) * 1000:.0f}, max {max(trips) * 1000:.0f}, 20 calls)")
     overhead = [r[2] for r in rows]
     transport = "ssh+slurm" if args.sandbox else "local"
     print(f"\n{transport}: runs={len(rows)} median overhead {statistics.median(overhead):.2f} s "

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: Consecutive failed polls after which waiting triggers give up with an error event.
 MAX_POLL_FAILURES = 8
+#: First delay after a job arrives; it doubles on each quiet poll up to the poll interval.
+FIRST_POLL_S = 0.5
 
 
 class StatusPoller:
@@ -35,6 +37,8 @@ class StatusPoller:
         self.interval = interval
         self.waiters: dict[str, list[asyncio.Future[JobStatus]]] = {}
         self.polls = 0
+        #: most job ids one poll asked about (shows the batching)
+        self.max_batch = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -65,8 +69,11 @@ class StatusPoller:
 
     async def _loop(self) -> None:
         failures = 0
+        #: polls since a job last arrived: short jobs are seen soon, long ones cost few polls
+        quiet = 0
         while self.waiters:
             ids = list(self.waiters)
+            self.max_batch = max(self.max_batch, len(ids))
             try:
                 statuses: list[JobStatus] = []
                 for i in range(0, len(ids), MAX_STATUS_IDS):
@@ -87,13 +94,17 @@ class StatusPoller:
                             if not fut.done():
                                 fut.set_exception(exc)
                     failures = 0
-            # back off after failures (sshd MaxStartups), else the configured interval
-            delay = self.interval * (2 ** min(failures, 4))
+            quiet += 1
+            if failures:  # back off (sshd MaxStartups throttles reconnects)
+                delay = self.interval * (2 ** min(failures, 4))
+            else:  # 0.5 s, 1 s, 2 s ... up to the configured interval
+                delay = min(self.interval, FIRST_POLL_S * 2 ** (quiet - 1))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                # a new waiter arrived: poll again soon, but not in a tight loop
-                await asyncio.sleep(min(self.interval, 1.0))
+                # a new job arrived: start the fast polls again, batching simultaneous arrivals
+                quiet = 0
+                await asyncio.sleep(min(self.interval, FIRST_POLL_S))
         await self.client.close()
 
 

@@ -14,9 +14,13 @@ from hpc_jobs.config import SiteConfig, StoreConfig
 
 @pytest.fixture()
 def local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = SiteConfig(job_root=tmp_path / "jobs", data_root=tmp_path / "data", scheduler="local",
-                      python=Path(sys.executable),
-                      store=StoreConfig(kind="local", path=tmp_path / "store"))
+    site = SiteConfig(
+        job_root=tmp_path / "jobs",
+        data_root=tmp_path / "data",
+        scheduler="local",
+        python=Path(sys.executable),
+        store=StoreConfig(kind="local", path=tmp_path / "store"),
+    )
     path = tmp_path / "site.toml"
     path.write_text(site.to_toml())
     conn = {"conn_type": "generic", "extra": {"config": str(path)}}
@@ -26,17 +30,27 @@ def local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_one_status_call_per_poll_for_100_jobs(local_gateway: Path) -> None:
     from hooks.hpc import HpcGatewayHook
+    from hpc_jobs.gateway import handle
     from operators.triggers import HpcJobTrigger, StatusPoller
 
-    hook = HpcGatewayHook("omeflow_test")
     n = 100
-    # 100 real jobs on the local scheduler; they end at different times (0-2 s)
-    ids = [hook.submit("cluster_check", f"job-{i}", params={"sleep_s": i % 3}).job_id
-           for i in range(n)]
+    # 100 real jobs on the local scheduler, submitted through the gateway's own code in this
+    # process (fast), still running when the triggers start and ending at different times
+    ids = []
+    for i in range(n):
+        body = json.dumps(
+            {"step": "cluster_check", "job_key": f"job-{i}", "params": {"sleep_s": 10 + i % 5}}
+        ).encode()
+        reply, status = handle("submit", body, local_gateway)
+        assert status == 0, reply
+        ids.append(reply["job_id"])
+    hook = HpcGatewayHook("omeflow_test")
+    assert sum(s.state.value in ("PENDING", "RUNNING") for s in hook.status(ids)) > n / 2
 
     async def wait_all() -> tuple[list, StatusPoller]:
-        triggers = [HpcJobTrigger(job_id=j, hpc_conn_id="omeflow_test", poll_interval=1.0)
-                    for j in ids]
+        triggers = [
+            HpcJobTrigger(job_id=j, hpc_conn_id="omeflow_test", poll_interval=1.0) for j in ids
+        ]
 
         async def first_event(trigger: HpcJobTrigger):
             async for event in trigger.run():
@@ -48,7 +62,11 @@ def test_one_status_call_per_poll_for_100_jobs(local_gateway: Path) -> None:
     events, poller = asyncio.run(wait_all())
     assert sorted(e["job_id"] for e in events) == sorted(ids)
     assert all(e["state"] == "COMPLETED" for e in events)
-    # every poll asked about all waiting jobs at once: calls == polls, far fewer than jobs
+    # every poll asked about all waiting jobs at once: one gateway call per poll
+    assert poller.max_batch == n, "one poll carried every waiting job"
     assert poller.client.calls == poller.polls
-    assert poller.polls < n / 4, f"{poller.polls} polls for {n} jobs"
-    print(f"{n} jobs: {poller.polls} polls, {poller.client.calls} gateway calls")
+    assert 1 < poller.polls < n / 4, f"{poller.polls} polls for {n} jobs"
+    print(
+        f"{n} jobs: {poller.polls} polls, {poller.client.calls} gateway calls, "
+        f"largest poll {poller.max_batch} jobs"
+    )

@@ -75,22 +75,15 @@ def embedded_site_config() -> Path:
     env = os.environ.get("OMEFLOW_SITE_CONFIG")
     if env:
         return Path(env)
-    from hpc_jobs.config import SiteConfig, StoreConfig
+    from hpc_jobs.config import SiteConfig
 
     home = Path(os.environ.get("AIRFLOW_HOME", Path.cwd()))
     var = home / "var"
     path = var / "site.toml"
     if not path.exists():
-        var.mkdir(parents=True, exist_ok=True)
-        site = SiteConfig(
-            job_root=var / "jobs",
-            data_root=var / "data",
-            scheduler="local",
-            python=Path(sys.executable),
-            store=StoreConfig(kind="local", path=var / "store"),
-        )
+        site = SiteConfig.local(var)
         for sub in ("jobs", "data", "store"):
-            (var / sub).mkdir(exist_ok=True)
+            (var / sub).mkdir(parents=True, exist_ok=True)
         path.write_text(site.to_toml())
     return path
 

@@ -99,6 +99,18 @@ class SiteConfig(_Cfg):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
+    @classmethod
+    def local(cls, root: Path) -> SiteConfig:
+        """The embedded default under ``root``: jobs/, data/ and store/ folders, the local
+        scheduler and store, jobs run by this Python."""
+        return cls(
+            job_root=root / "jobs",
+            data_root=root / "data",
+            scheduler="local",
+            python=Path(sys.executable),
+            store=StoreConfig(kind="local", path=root / "store"),
+        )
+
     @property
     def audit_path(self) -> Path:
         return self.audit_log or self.job_root / "audit.log"

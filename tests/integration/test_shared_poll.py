@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from hpc_jobs.config import SiteConfig, StoreConfig
+from hpc_jobs.config import SiteConfig
 
 
 @pytest.fixture()
 def local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = SiteConfig(
-        job_root=tmp_path / "jobs",
-        data_root=tmp_path / "data",
-        scheduler="local",
-        python=Path(sys.executable),
-        store=StoreConfig(kind="local", path=tmp_path / "store"),
-    )
+    site = SiteConfig.local(tmp_path)
     path = tmp_path / "site.toml"
     path.write_text(site.to_toml())
     conn = {"conn_type": "generic", "extra": {"config": str(path)}}

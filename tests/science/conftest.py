@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_jobs.config import SiteConfig, StoreConfig
+from hpc_jobs.config import SiteConfig
 from hpc_jobs.protocol import Resources, Secrets
 from hpc_jobs.steps.base import StepContext
 
@@ -24,8 +24,7 @@ def cellpose_model() -> Path:
 def make_context(root: Path, cpus: int = 1, task: tuple[int, int] | None = None
                  ) -> StepContext:
     """A StepContext on a local site under ``root`` (same data root for all tasks)."""
-    site = SiteConfig(job_root=root / "jobs", data_root=root / "data",
-                      store=StoreConfig(kind="local", path=root / "store"))
+    site = SiteConfig.local(root)
     return StepContext(job_dir=root / "jobs" / "j", site=site,
                        resources=Resources(cpus=cpus), secrets=Secrets(),
                        array_task_id=task[0] if task else None,

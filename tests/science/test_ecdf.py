@@ -12,27 +12,19 @@ import shapely
 from shapely.geometry import Polygon, box
 
 from hpc_jobs import ecdf_core, ngff
-from hpc_jobs.config import SiteConfig, StoreConfig
-from hpc_jobs.protocol import Resources, Secrets
 from hpc_jobs.steps import ecdf, export_zarr
 from hpc_jobs.steps.base import StepContext
 from hpc_jobs.stores.base import EllipseShape, NewRoi, PointShape, PolygonShape, StoreError
 from hpc_jobs.stores.local import LocalStore
+from tests.science.conftest import make_context
 
 H, W = 200, 310  # rows, columns: non-square, not a multiple of the block
 BLOCK, CHUNK = 64, 32
 
 
-def make_ctx(tmp_path: Path) -> StepContext:
-    site = SiteConfig(
-        job_root=tmp_path / "jobs",
-        data_root=tmp_path / "data",
-        store=StoreConfig(kind="local", path=tmp_path / "store"),
-    )
-    return StepContext(
-        job_dir=tmp_path / "jobs" / "j1", site=site, resources=Resources(cpus=2),
-        secrets=Secrets(),
-    )
+def make_ctx(tmp_path: Path, cpus: int = 2) -> StepContext:
+    """A StepContext on a local site under ``tmp_path`` (2 CPUs: the block-parallel path)."""
+    return make_context(tmp_path, cpus=cpus)
 
 
 def poly(points, text: str) -> PolygonShape:

@@ -12,27 +12,18 @@ import zarr
 from pydantic import ValidationError
 
 from hpc_jobs import ngff
-from hpc_jobs.config import SiteConfig, StoreConfig
-from hpc_jobs.protocol import Resources, Secrets
 from hpc_jobs.steps import export_zarr
 from hpc_jobs.steps.base import StepContext
 from hpc_jobs.stores.local import LocalStore
+from tests.science.conftest import make_context
 
 SHAPE = (3, 300, 200)  # (c, y, x): non-square, not a multiple of the block
 BLOCK, CHUNK = 64, 32
 
 
 def make_ctx(tmp_path: Path, cpus: int = 2) -> StepContext:
-    """A StepContext whose site keeps jobs, data and the LocalStore under ``tmp_path``."""
-    site = SiteConfig(
-        job_root=tmp_path / "jobs",
-        data_root=tmp_path / "data",
-        store=StoreConfig(kind="local", path=tmp_path / "store"),
-    )
-    return StepContext(
-        job_dir=tmp_path / "jobs" / "j1", site=site, resources=Resources(cpus=cpus),
-        secrets=Secrets(),
-    )
+    """A StepContext on a local site under ``tmp_path`` (2 CPUs: the block-parallel path)."""
+    return make_context(tmp_path, cpus=cpus)
 
 
 def random_image(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_jobs.config import SiteConfig, StoreConfig
+from hpc_jobs.config import SiteConfig
 
 GATEWAY = [sys.executable, "-m", "hpc_jobs.gateway"]
 CANARY_DIR = Path("/tmp/omeflow-canary")
@@ -45,13 +45,7 @@ def _call(config: Path, verb: str | None, body: bytes, env_extra: dict | None = 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gw")
-    cfg = SiteConfig(
-        job_root=root / "jobs",
-        data_root=root / "data",
-        scheduler="local",
-        python=Path(sys.executable),
-        store=StoreConfig(kind="local", path=root / "store"),
-    )
+    cfg = SiteConfig.local(root)
     path = root / "site.toml"
     path.write_text(cfg.to_toml())
     CANARY_DIR.mkdir(exist_ok=True)

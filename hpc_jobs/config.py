@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # Python 3.10: the OMERO lane (zeroc-ice 3.6.5 need
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hpc_jobs.protocol import ErrorCode, GatewayError, SlurmName
+from hpc_jobs.protocol import ErrorCode, GatewayError, Resources, SlurmName, array_indices
 
 
 class _Cfg(BaseModel):
@@ -77,6 +77,25 @@ class SlurmConfig(_Cfg):
     max_time_min: int = 7 * 24 * 60
     max_gpus: int = 8
     max_array_tasks: int = 1000
+
+    def _limited(self, res: Resources) -> list[tuple[str, int, int]]:
+        return [
+            ("cpus", res.cpus, self.max_cpus),
+            ("mem_mb", res.mem_mb, self.max_mem_mb),
+            ("time_min", res.time_min, self.max_time_min),
+            ("gpus", res.gpus, self.max_gpus),
+        ]
+
+    def clamp(self, res: Resources) -> Resources:
+        """``res`` scaled down to this site's limits (for a step's default resources)."""
+        return res.model_copy(update={k: min(v, lim) for k, v, lim in self._limited(res)})
+
+    def over_limits(self, res: Resources) -> list[str]:
+        """What in ``res`` exceeds this site's limits, e.g. ``["cpus=4 > max_cpus=2"]``."""
+        over = [f"{k}={v} > max_{k}={lim}" for k, v, lim in self._limited(res) if v > lim]
+        if res.array and len(array_indices(res.array)) > self.max_array_tasks:
+            over.append(f"array={res.array} > max_array_tasks={self.max_array_tasks}")
+        return over
 
 
 class ModelsConfig(_Cfg):

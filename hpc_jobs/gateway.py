@@ -50,7 +50,6 @@ from hpc_jobs.protocol import (
     LogReply,
     LogRequest,
     PingReply,
-    Resources,
     ResultReply,
     ResultRequest,
     StatusReply,
@@ -168,8 +167,14 @@ class Gateway:
             ) from None
         # A step's defaults are suggestions: scaled down to what this site allows. A caller's
         # explicit override above the site's limits is refused with the limit named.
-        resources = req.resources.apply(self._clamped(spec.resources))
-        self._check_limits(resources)
+        resources = req.resources.apply(self.site.slurm.clamp(spec.resources))
+        over = self.site.slurm.over_limits(resources)
+        if over:
+            raise GatewayError(
+                ErrorCode.BAD_REQUEST,
+                "resources exceed this site's limits: " + ", ".join(over)
+                + "; ask for less or have the HPC admin raise [slurm] max_* in site.toml",
+            )
         job = self.job(req.job_key)
         record = {
             "step": req.step,
@@ -270,36 +275,6 @@ class Gateway:
         if record is None:
             raise GatewayError(ErrorCode.NOT_FOUND, f"no job with id {job.job_id!r}")
         return record
-
-    def _clamped(self, res: Resources) -> Resources:
-        lim = self.site.slurm
-        return res.model_copy(
-            update={
-                "cpus": min(res.cpus, lim.max_cpus),
-                "mem_mb": min(res.mem_mb, lim.max_mem_mb),
-                "time_min": min(res.time_min, lim.max_time_min),
-                "gpus": min(res.gpus, lim.max_gpus),
-            }
-        )
-
-    def _check_limits(self, res: Any) -> None:
-        lim = self.site.slurm
-        over = [
-            f"{name}={value} (max {limit})"
-            for name, value, limit in (
-                ("cpus", res.cpus, lim.max_cpus),
-                ("mem_mb", res.mem_mb, lim.max_mem_mb),
-                ("time_min", res.time_min, lim.max_time_min),
-                ("gpus", res.gpus, lim.max_gpus),
-            )
-            if value > limit
-        ]
-        if over:
-            raise GatewayError(
-                ErrorCode.BAD_REQUEST,
-                "resources exceed this site's limits: " + ", ".join(over)
-                + "; ask for less or have the HPC admin raise [slurm] limits in site.toml",
-            )
 
     def _status_of(self, job_ids: list[str]) -> list[JobStatus]:
         records: dict[str, dict[str, Any] | None] = {}

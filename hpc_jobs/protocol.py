@@ -67,6 +67,14 @@ ArraySpec = Annotated[
 _JOB_KEY_RE = re.compile(rf"^{_SAFE}$")
 
 
+def array_indices(spec: str) -> range:
+    """The task indices of an :data:`ArraySpec` (``"0-15%4"`` -> 0..15; the ``%`` part only
+    limits how many run at once)."""
+    body = spec.partition("%")[0]
+    lo, _, hi = body.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
 def job_key_for(*parts: object, max_length: int = 160) -> str:
     """Flatten arbitrary parts (dag id, run id, task id, map index, try) into a :data:`JobKey`.
 

@@ -23,16 +23,10 @@ from typing import Any
 
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.jobdir import _write_private
-from hpc_jobs.protocol import JobState
+from hpc_jobs.protocol import JobState, array_indices
 from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError
 
 STATE_FILE = "local_state.json"
-
-
-def _expand_array(spec: str) -> list[int]:
-    body, _, _limit = spec.partition("%")
-    lo, _, hi = body.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
 
 
 def _read_state(job_dir: Path) -> dict[str, Any] | None:
@@ -148,7 +142,7 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
     state: dict[str, Any] = _read_state(job_dir) or {}
     state.update(state=JobState.RUNNING.value, pid=os.getpid(), started=time.time())
     _write_private(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
-    tasks = _expand_array(array) if array else [None]
+    tasks = list(array_indices(array)) if array else [None]
     procs: dict[int | None, subprocess.Popen[bytes]] = {}
     stop = {"why": None}
 

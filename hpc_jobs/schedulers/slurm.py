@@ -342,20 +342,11 @@ class SlurmScheduler:
         """The sbatch argv for ``spec`` (public so tests and the gateway's dry runs see it)."""
         res: Resources = spec.resources
         slurm = self.site.slurm
-        limits = (
-            ("cpus", res.cpus, slurm.max_cpus),
-            ("mem_mb", res.mem_mb, slurm.max_mem_mb),
-            ("time_min", res.time_min, slurm.max_time_min),
-            ("gpus", res.gpus, slurm.max_gpus),
-        )
-        for what, value, limit in limits:
-            if value > limit:
-                raise SchedulerError(
-                    f"{what}={value} exceeds this site's limit {limit} (site.toml [slurm] max_*)"
-                )
-        if res.array and count_tasks(res.array) > slurm.max_array_tasks:
+        over = slurm.over_limits(res)
+        if over:
             raise SchedulerError(
-                f"array {res.array} exceeds this site's max_array_tasks={slurm.max_array_tasks}"
+                "resources exceed this site's limits: " + ", ".join(over)
+                + " (site.toml [slurm] max_*)"
             )
         home = pwd.getpwuid(os.getuid()).pw_dir
         argv = [

@@ -79,3 +79,19 @@ def test_pending_for_a_reason_that_never_clears_is_detected() -> None:
     running = JobStatus(job_id="j", state=JobState.RUNNING, reason="PartitionConfig")
     assert never_starts(stuck)
     assert not never_starts(waiting) and not never_starts(running)
+
+
+def test_site_limits_clamp_defaults_and_name_what_is_over() -> None:
+    from pathlib import Path
+
+    from hpc_jobs.config import SiteConfig
+    from hpc_jobs.protocol import array_indices
+
+    site = SiteConfig.local(Path("/nonexistent"))
+    lim = site.slurm.model_copy(update={"max_cpus": 2, "max_array_tasks": 4})
+    default = Resources(cpus=8, mem_mb=512, time_min=10)
+    assert lim.clamp(default).cpus == 2 and lim.clamp(default).mem_mb == 512
+    assert lim.over_limits(lim.clamp(default)) == []
+    assert lim.over_limits(default) == ["cpus=8 > max_cpus=2"]
+    assert lim.over_limits(Resources(array="0-4%2")) == ["array=0-4%2 > max_array_tasks=4"]
+    assert list(array_indices("3")) == [3] and len(array_indices("0-15%4")) == 16

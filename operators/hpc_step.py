@@ -16,6 +16,7 @@ OUT_OF_MEMORY, DEADLINE, ...  (no retry: running it again would fail the same wa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
@@ -66,8 +67,9 @@ class HpcStepOperator(BaseOperator):
         self.log_tail_bytes = log_tail_bytes
         self._job_id: str | None = None
 
-    @property
+    @cached_property
     def hook(self) -> HpcGatewayHook:
+        """One hook per operator run: its SSH connection serves submit, log, result, cancel."""
         return HpcGatewayHook(self.hpc_conn_id)
 
     def job_key(self, context: Context) -> str:
@@ -130,9 +132,9 @@ class HpcStepOperator(BaseOperator):
             method_name="execute_complete",
         )
 
-    def _log_tail(self, hook: HpcGatewayHook, job_id: str) -> str:
+    def _log_tail(self, job_id: str) -> str:
         try:
-            tail = hook.log(job_id, offset=-self.log_tail_bytes, max_bytes=self.log_tail_bytes)
+            tail = self.hook.log(job_id, offset=-self.log_tail_bytes, max_bytes=self.log_tail_bytes)
         except Exception as exc:  # noqa: BLE001 - the log is a courtesy; the state decides
             self.log.warning("could not read the job log: %s", exc)
             return ""
@@ -146,7 +148,7 @@ class HpcStepOperator(BaseOperator):
         job_id = event["job_id"]
         self._job_id = job_id
         state = JobState(event.get("state", "UNKNOWN"))
-        tail = self._log_tail(self.hook, job_id)
+        tail = self._log_tail(job_id)
         if tail:
             self.log.info("---- cluster job %s log (tail) ----\n%s", job_id, tail.rstrip())
         what = (

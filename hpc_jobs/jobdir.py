@@ -36,11 +36,6 @@ class JobDirError(Exception):
     """A job id or output name that does not name a file under the job root."""
 
 
-def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write a file atomically that only the owner can read (or ``mode``)."""
-    atomic_write(path, text, mode)
-
-
 class JobDir:
     """The directory of one job. Construct with :meth:`of`, which confines it to the root."""
 
@@ -100,10 +95,10 @@ class JobDir:
             shutil.rmtree(self.path)  # debris of a submit that never reached the scheduler
         self.path.mkdir(parents=True, mode=0o700)
         self.outputs.mkdir(mode=0o700)
-        _write_private(self.request_path, json.dumps(record, indent=2, sort_keys=True))
+        atomic_write(self.request_path, json.dumps(record, indent=2, sort_keys=True))
         present = secrets.model_dump(exclude_none=True)
         if present:
-            _write_private(self.secrets_path, json.dumps(present))
+            atomic_write(self.secrets_path, json.dumps(present))
         script = (
             f"#!{python} -I\n"
             f'"""omeflow job {self.job_id}: written by the gateway; runs one step, no shell."""\n'
@@ -113,7 +108,7 @@ class JobDir:
             'if __name__ == "__main__":\n'
             f"    sys.exit(main({str(self.path)!r}))\n"
         )
-        _write_private(self.script_path, script, mode=0o700)
+        atomic_write(self.script_path, script, mode=0o700)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -135,7 +130,7 @@ class JobDir:
             "submitted_at": time.time(),
             "fingerprint": self.fingerprint(record),
         }
-        _write_private(self.record_path, json.dumps(data, indent=2, sort_keys=True))
+        atomic_write(self.record_path, json.dumps(data, indent=2, sort_keys=True))
         return data
 
     # -- reading --------------------------------------------------------------------------
@@ -162,7 +157,7 @@ class JobDir:
 
     def write_exit_marker(self, exit_code: int, elapsed_s: float, task: int | None = None) -> None:
         data = {"exit_code": exit_code, "elapsed_s": round(elapsed_s, 3), "time": time.time()}
-        _write_private(self.exit_marker_path(task), json.dumps(data), mode=0o644)
+        atomic_write(self.exit_marker_path(task), json.dumps(data), mode=0o644)
 
     def read_log(self, offset: int, max_bytes: int) -> tuple[int, int, bytes]:
         """(file size, start offset, bytes) of the job log; negative offset = last bytes."""

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpc_jobs.fsutil import atomic_write
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +278,7 @@ class KeyStore:
 
     def save(self, record: dict[str, Any]) -> None:
         path = self.record_path(record["omero_user"])
-        tmp = path.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o600)
 
     def records(self) -> list[dict[str, Any]]:
         root = Path(self.root)

@@ -17,7 +17,8 @@ import traceback
 from pathlib import Path
 
 from hpc_jobs.config import SiteConfig
-from hpc_jobs.jobdir import JobDir, _write_private
+from hpc_jobs.fsutil import atomic_write
+from hpc_jobs.jobdir import JobDir
 from hpc_jobs.protocol import Resources
 from hpc_jobs.registry import get_step
 from hpc_jobs.steps.base import StepContext
@@ -62,7 +63,7 @@ def main(job_dir: str | Path) -> int:
         )
         summary = spec.entry(params, ctx) or {}
         name = "summary.json" if task_id is None else f"summary.{task_id}.json"
-        _write_private(ctx.outputs / name, json.dumps(summary, indent=2, default=str), mode=0o644)
+        atomic_write(ctx.outputs / name, json.dumps(summary, indent=2, default=str), mode=0o644)
         print(f"omeflow: step {spec.name} finished in {time.time() - started:.1f} s", flush=True)
         code = 0
     except StoreError as exc:  # a user's error: no traceback noise

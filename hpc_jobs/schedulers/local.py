@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_jobs.config import SiteConfig
-from hpc_jobs.jobdir import _write_private
+from hpc_jobs.fsutil import atomic_write
 from hpc_jobs.protocol import JobState, array_indices
 from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError
 
@@ -69,7 +69,7 @@ class LocalScheduler:
             str(res.time_min * 60),
             res.array or "",
         ]
-        _write_private(
+        atomic_write(
             spec.job_dir / STATE_FILE,
             json.dumps({"state": JobState.PENDING.value, "submitted": time.time()}),
             mode=0o644,
@@ -87,7 +87,7 @@ class LocalScheduler:
                 )
         except OSError as exc:
             raise SchedulerError(f"cannot start local job: {exc}") from exc
-        _write_private(
+        atomic_write(
             spec.job_dir / STATE_FILE,
             json.dumps(
                 {"state": JobState.PENDING.value, "pid": proc.pid, "submitted": time.time()}
@@ -141,7 +141,7 @@ class LocalScheduler:
 def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
     state: dict[str, Any] = _read_state(job_dir) or {}
     state.update(state=JobState.RUNNING.value, pid=os.getpid(), started=time.time())
-    _write_private(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
+    atomic_write(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
     tasks = list(array_indices(array)) if array else [None]
     procs: dict[int | None, subprocess.Popen[bytes]] = {}
     stop = {"why": None}
@@ -199,7 +199,7 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
         reason=reason,
         array_states=counts if array else None,
     )
-    _write_private(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
+    atomic_write(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
     return 0
 
 

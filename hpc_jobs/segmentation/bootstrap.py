@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_jobs.fsutil import file_lock
+from hpc_jobs.fsutil import atomic_write, file_lock
 from hpc_jobs.segmentation.model import BOOTSTRAP_MODEL_NAME, cache_dir, preprocess, segment
 from hpc_jobs.segmentation.synthetic import render_nuclei
 
@@ -152,9 +152,7 @@ def ensure_model(out_dir: Path | None = None, epochs: int = 20, force: bool = Fa
         if path.is_file() and not force:
             return path
         meta = train(path, epochs=epochs, log=log)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path.with_suffix(".json"))
+        atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2), mode=0o644)
     return path
 
 

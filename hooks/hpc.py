@@ -69,6 +69,14 @@ class _Raw:
     stderr: bytes
 
 
+def gateway_env(verb: str) -> dict[str, str]:
+    """Environment of a local gateway process: what sshd would give it (the verb in
+    ``SSH_ORIGINAL_COMMAND``), without Airflow's own settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["SSH_ORIGINAL_COMMAND"] = verb
+    return env
+
+
 def embedded_site_config() -> Path:
     """The embedded default's site file: ``$OMEFLOW_SITE_CONFIG``, else created under
     ``$AIRFLOW_HOME/var`` (local scheduler, local store, this Python)."""
@@ -158,14 +166,12 @@ class HpcGatewayHook(BaseHook):
     # -- raw calls ---------------------------------------------------------------------------
     def _call_local(self, verb: str, body: bytes) -> _Raw:
         assert self._local_argv is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        env["SSH_ORIGINAL_COMMAND"] = verb
         try:
             proc = subprocess.run(
                 self._local_argv,
                 input=body,
                 capture_output=True,
-                env=env,
+                env=gateway_env(verb),
                 timeout=self.timeout,
                 check=False,
             )
@@ -325,15 +331,13 @@ class AsyncGatewayClient:
         self.calls += 1
         if transport == "local":
             assert self._sync._local_argv is not None
-            env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-            env["SSH_ORIGINAL_COMMAND"] = verb
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self._sync._local_argv,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    env=env,
+                    env=gateway_env(verb),
                 )
                 out, err = await asyncio.wait_for(proc.communicate(body), self.timeout)
             except (OSError, TimeoutError) as exc:

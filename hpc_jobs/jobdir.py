@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import time
@@ -26,10 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from hpc_jobs.fsutil import atomic_write, file_lock
-from hpc_jobs.protocol import Secrets
+from hpc_jobs.protocol import SAFE_NAME_RE, Secrets
 
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,159}")
-_OUTPUT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
+
+def _safe_name(name: object, max_length: int) -> bool:
+    """One safe path component (the protocol's rule): no separator, no leading dot or dash."""
+    return (
+        isinstance(name, str)
+        and len(name) <= max_length
+        and SAFE_NAME_RE.fullmatch(name) is not None
+        and ".." not in name
+    )
 
 
 class JobDirError(Exception):
@@ -47,7 +53,7 @@ class JobDir:
     @classmethod
     def of(cls, job_root: Path, job_id: str) -> JobDir:
         """The job directory for ``job_id``; refuses anything that is not one safe name."""
-        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+        if not _safe_name(job_id, 160):
             raise JobDirError("job id must be 1-160 characters of A-Z a-z 0-9 _ . = -")
         job = cls(Path(job_root), job_id)
         if job.path.parent != Path(job_root):
@@ -173,7 +179,7 @@ class JobDir:
 
     def read_output(self, name: str, max_bytes: int) -> bytes:
         """Bytes of ``outputs/<name>``: one plain file, links not followed, size-capped."""
-        if not _OUTPUT.fullmatch(name) or ".." in name:
+        if not _safe_name(name, 128):
             raise JobDirError("output name must be one file name of A-Z a-z 0-9 _ . = -")
         fd = os.open(self.outputs / name, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as fh:

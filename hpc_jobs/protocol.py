@@ -64,7 +64,8 @@ ArraySpec = Annotated[
     str, StringConstraints(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?(%[0-9]{1,4})?$", strict=True)
 ]
 
-_JOB_KEY_RE = re.compile(rf"^{_SAFE}$")
+#: The same safe-name rule for code outside pydantic (job directories, output files).
+SAFE_NAME_RE = re.compile(_SAFE)
 
 
 def array_indices(spec: str) -> range:
@@ -87,7 +88,7 @@ def job_key_for(*parts: object, max_length: int = 160) -> str:
     digest = hashlib.sha256(raw.encode()).hexdigest()[:10]
     flat = re.sub(r"[^A-Za-z0-9_.=-]+", "_", ".".join(str(p) for p in parts)).strip("._-=")
     key = f"{flat[: max_length - 12]}.{digest}" if flat else digest
-    if not _JOB_KEY_RE.match(key):  # e.g. empty after stripping
+    if not SAFE_NAME_RE.fullmatch(key):  # e.g. empty after stripping
         key = f"k{digest}"
     return key
 

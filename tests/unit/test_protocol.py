@@ -95,3 +95,19 @@ def test_site_limits_clamp_defaults_and_name_what_is_over() -> None:
     assert lim.over_limits(default) == ["cpus=8 > max_cpus=2"]
     assert lim.over_limits(Resources(array="0-4%2")) == ["array=0-4%2 > max_array_tasks=4"]
     assert list(array_indices("3")) == [3] and len(array_indices("0-15%4")) == 16
+
+
+def test_job_directories_accept_only_one_safe_name(tmp_path) -> None:
+    from hpc_jobs.jobdir import JobDir, JobDirError
+
+    assert JobDir.of(tmp_path, "dag.run_1.task.-1.1.abc").path.parent == tmp_path
+    for bad in ("..", "../x", "a/b", ".ssh", "-rf", "a..b", "a b", "", "a" * 161, 5):
+        with pytest.raises(JobDirError):
+            JobDir.of(tmp_path, bad)
+    job = JobDir.of(tmp_path, "j1")
+    (job.outputs).mkdir(parents=True)
+    (job.outputs / "summary.json").write_text("{}")
+    assert job.read_output("summary.json", 100) == b"{}"
+    for bad in ("../job.json", "a/b", ".hidden", "x" * 129):
+        with pytest.raises(JobDirError):
+            job.read_output(bad, 100)

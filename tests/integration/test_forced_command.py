@@ -44,13 +44,19 @@ def client(sandbox: dict[str, Any]) -> paramiko.SSHClient:
     cli.close()
 
 
-def known_hosts(sandbox: dict[str, Any], tmp_path: Path) -> Path:
-    """A known_hosts file pinning the sandbox sshd's host key."""
-    path = tmp_path / "known_hosts"
-    path.write_text(
+def ssh_argv(sandbox: dict[str, Any], tmp_path: Path, *options: str) -> list[str]:
+    """OpenSSH client argv for the sandbox with its host key pinned; ``options`` go before
+    the destination, the remote command (if any) after it."""
+    known = tmp_path / "known_hosts"
+    known.write_text(
         f"[{sandbox['host']}]:{sandbox['port']} {sandbox['host_key_type']} {sandbox['host_key']}\n"
     )
-    return path
+    return [
+        "ssh", "-i", sandbox["key_file"], "-p", str(sandbox["port"]),
+        "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+        *options, f"{sandbox['user']}@{sandbox['host']}",
+    ]
 
 
 def run(cli: paramiko.SSHClient, command: str, body: bytes = b"{}") -> tuple[int, dict | None]:
@@ -125,38 +131,15 @@ def test_remote_port_forwarding_is_refused(client: paramiko.SSHClient) -> None:
 
 
 def test_openssh_client_sees_the_same(sandbox: dict[str, Any], tmp_path: Path) -> None:
-    known = known_hosts(sandbox, tmp_path)
-    base = [
-        "ssh",
-        "-i",
-        sandbox["key_file"],
-        "-p",
-        str(sandbox["port"]),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        f"UserKnownHostsFile={known}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-        f"{sandbox['user']}@{sandbox['host']}",
-    ]
+    base = ssh_argv(sandbox, tmp_path)
     ok = subprocess.run([*base, "ping"], input=b"{}", capture_output=True, timeout=60)
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
     bad = subprocess.run([*base, "ls", "/"], input=b"", capture_output=True, timeout=60)
     assert bad.returncode != 0 and b"BAD_VERB" in bad.stdout and b"bin" not in bad.stdout
     # a remote forward is refused by the server at once
     fwd = subprocess.run(
-        [
-            *base[:-1],
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-N",
-            "-R",
-            "127.0.0.1:0:127.0.0.1:22",
-            base[-1],
-        ],
+        ssh_argv(sandbox, tmp_path, "-o", "ExitOnForwardFailure=yes", "-N",
+                 "-R", "127.0.0.1:0:127.0.0.1:22"),
         capture_output=True,
         timeout=60,
     )
@@ -166,28 +149,11 @@ def test_openssh_client_sees_the_same(sandbox: dict[str, Any], tmp_path: Path) -
 def test_local_forward_through_openssh_gets_nothing(
     sandbox: dict[str, Any], tmp_path: Path
 ) -> None:
-    known = known_hosts(sandbox, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [
-            "ssh",
-            "-i",
-            sandbox["key_file"],
-            "-p",
-            str(sandbox["port"]),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={known}",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-N",
-            "-L",
-            f"127.0.0.1:{port}:127.0.0.1:{sandbox['port']}",
-            f"{sandbox['user']}@{sandbox['host']}",
-        ],
+        ssh_argv(sandbox, tmp_path, "-N", "-L", f"127.0.0.1:{port}:127.0.0.1:{sandbox['port']}"),
         stderr=subprocess.PIPE,
     )
     timer = threading.Timer(60, proc.kill)  # never outlive the test

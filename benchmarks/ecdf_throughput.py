@@ -14,7 +14,6 @@ and prints both throughputs (Mpx/s of channel-pixels read) and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 from shapely.geometry import Polygon
-from synthetic_pixels import synthetic_block  # noqa: E402  (benchmarks/ is on sys.path)
+from synthetic_pixels import image_args, synthetic_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 from hpc_jobs import ecdf_core, ngff
 from hpc_jobs.steps.export_zarr import run_blocks
@@ -77,12 +76,7 @@ def lower_bound(arr, block: int, workers: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--channels", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
-    args = ap.parse_args()
+    args = image_args(__doc__.split("\n")[0])
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         arr = make_zarr(Path(tmp) / "image.zarr", args.size, args.channels, args.workers)

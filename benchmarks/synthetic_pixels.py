@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
+
+
+def image_args(description: str) -> argparse.Namespace:
+    """The options every Zarr benchmark takes: image size, channels, workers, scratch dir."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--channels", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
+    return ap.parse_args()
 
 
 def synthetic_block(c: int, y0: int, y1: int, x0: int, x1: int, seed: int = 0) -> np.ndarray:

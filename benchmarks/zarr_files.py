@@ -10,14 +10,13 @@ and the ratios, measured in one run.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
-from synthetic_pixels import synthetic_block  # noqa: E402  (benchmarks/ is on sys.path)
+from synthetic_pixels import image_args, synthetic_block  # noqa: E402  (benchmarks/ is on sys.path)
 from zarr.codecs import BloscCodec
 
 from hpc_jobs import ngff
@@ -78,12 +77,7 @@ def write_image(src: zarr.Array, path: Path, sharded: bool, workers: int) -> flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--channels", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
-    args = ap.parse_args()
+    args = image_args(__doc__.split("\n")[0])
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = source(args.size, args.channels, args.workers, Path(tmp) / "src.zarr")
         results = {}

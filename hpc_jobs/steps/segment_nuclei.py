@@ -52,8 +52,7 @@ class Params(StepParams):
 
 def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     """Segment the image (or this array task's share of it); return a small summary."""
-    import zarr
-
+    from hpc_jobs import ngff
     from hpc_jobs.segmentation.merge import merge
     from hpc_jobs.segmentation.model import resolve_model_path
     from hpc_jobs.segmentation.run_tiles import TileJob, pending_tiles, run_tiles
@@ -61,14 +60,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     image_dir = ctx.image_dir(params.image_id)
-    image_zarr = image_dir / "image.zarr"
-    level0 = image_zarr / "0"
-    if not (level0 / "zarr.json").is_file():
-        raise FileNotFoundError(f"{level0} does not exist; run export_zarr for image "
-                                f"{params.image_id} first")
-    arr = zarr.open_array(level0, mode="r")
-    if arr.ndim != 3:
-        raise ValueError(f"{level0} has shape {arr.shape}; expected (c, y, x)")
+    image_zarr = ngff.image_zarr_path(image_dir)
+    arr = ngff.open_level(image_zarr, 0)  # names the fix (run export_zarr) if missing
+    level0 = image_zarr / arr.path
     n_channels = int(arr.shape[0])
     if params.dapi_channel >= n_channels:
         raise ValueError(f"image {params.image_id} has {n_channels} channel(s); "

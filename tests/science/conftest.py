@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
+from hpc_jobs import ngff
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.protocol import Resources, Secrets
 from hpc_jobs.steps.base import StepContext
@@ -33,10 +33,12 @@ def make_context(root: Path, cpus: int = 1, task: tuple[int, int] | None = None
 
 def write_image(ctx: StepContext, image_id: int, image: np.ndarray,
                 chunks: int = 128, shards: int = 256) -> Path:
-    """Write (c, y, x) uint16 as the export step does: ``image.zarr/0`` with shards."""
-    path = ctx.image_dir(image_id) / "image.zarr"
-    group = zarr.open_group(path, mode="w", zarr_format=3)
-    arr = group.create_array("0", shape=image.shape, chunks=(1, chunks, chunks),
-                             shards=(1, shards, shards), dtype="uint16")
-    arr[...] = image
+    """Write (c, y, x) uint16 in the export step's layout (OME-NGFF, ``image.zarr/0``)."""
+    path = ngff.image_zarr_path(ctx.image_dir(image_id))
+    group = ngff.create_image(
+        path, size_c=image.shape[0], shape_yx=image.shape[1:], dtype="uint16",
+        channel_names=[f"c{i}" for i in range(image.shape[0])], chunk=chunks, block=shards,
+        overwrite=True,
+    )
+    group["0"][...] = image
     return path

@@ -30,7 +30,7 @@ FIRST_POLL_S = 0.5
 class StatusPoller:
     """One shared poll loop: waiting triggers register job ids and await their final status."""
 
-    _instances: dict[tuple[int, str, float], StatusPoller] = {}
+    _instances: dict[tuple[asyncio.AbstractEventLoop, str, float], StatusPoller] = {}
 
     def __init__(self, hpc_conn_id: str, interval: float) -> None:
         self.client = AsyncGatewayClient(hpc_conn_id)
@@ -45,7 +45,12 @@ class StatusPoller:
     @classmethod
     def get(cls, hpc_conn_id: str, interval: float) -> StatusPoller:
         """The poller of the running event loop for this connection and interval."""
-        key = (id(asyncio.get_running_loop()), hpc_conn_id, float(interval))
+        loop = asyncio.get_running_loop()
+        # keyed by the loop itself (an id could be reused by a later loop); pollers of closed
+        # loops (e.g. earlier dag.test() runs in this process) are dropped
+        for stale in [k for k in cls._instances if k[0].is_closed()]:
+            del cls._instances[stale]
+        key = (loop, hpc_conn_id, float(interval))
         poller = cls._instances.get(key)
         if poller is None:
             poller = cls._instances[key] = StatusPoller(hpc_conn_id, interval)

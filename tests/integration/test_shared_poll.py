@@ -63,3 +63,24 @@ def test_one_status_call_per_poll_for_100_jobs(local_gateway: Path) -> None:
         f"{n} jobs: {poller.polls} polls, {poller.client.calls} gateway calls, "
         f"largest poll {poller.max_batch} jobs"
     )
+
+
+def test_each_event_loop_gets_its_own_poller(local_gateway: Path) -> None:
+    """Several dag.test() runs in one process each run their own loop: a poller never
+    outlives its loop (its asyncio objects are bound to it)."""
+    from hooks.hpc import HpcGatewayHook
+    from operators.triggers import HpcJobTrigger, StatusPoller
+
+    hook = HpcGatewayHook("omeflow_test")
+
+    async def wait(job_id: str) -> tuple[dict, StatusPoller]:
+        trigger = HpcJobTrigger(job_id=job_id, hpc_conn_id="omeflow_test", poll_interval=1.0)
+        async for event in trigger.run():
+            return event.payload, StatusPoller.get("omeflow_test", 1.0)
+        raise AssertionError("no event")
+
+    first_event, first = asyncio.run(wait(hook.submit("cluster_check", "loop-1").job_id))
+    second_event, second = asyncio.run(wait(hook.submit("cluster_check", "loop-2").job_id))
+    assert first_event["state"] == second_event["state"] == "COMPLETED"
+    assert first is not second
+    assert first not in StatusPoller._instances.values(), "the closed loop's poller is gone"

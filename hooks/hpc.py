@@ -327,7 +327,7 @@ class AsyncGatewayClient:
 
     async def call(self, verb: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         body = json.dumps(request or {}).encode()
-        transport = await asyncio.to_thread(self._sync._resolve)
+        transport = self._sync._transport or await asyncio.to_thread(self._sync._resolve)
         self.calls += 1
         if transport == "local":
             assert self._sync._local_argv is not None

@@ -360,15 +360,15 @@ def ensure_dirs(pw: pwd.struct_passwd) -> None:
     else:
         log(f"no bootstrapped Cellpose model at {boot}; run `omeflow bootstrap-model` and "
             "restart the sandbox before segmenting on it")
+    # the node's size is the most a job can get: larger step defaults are scaled down
+    cpus, mem_mb = node_size()
     site = SiteConfig(
         job_root=P.JOBS,
         data_root=P.DATA,
         scheduler="slurm",
         python=P.HPC_PYTHON,
         store=StoreConfig(kind="local", path=P.STORE),
-        # the node's size is the most a job can get: larger step defaults are scaled down
-        slurm=SlurmConfig(partition=P.PARTITION, max_cpus=node_size()[0],
-                          max_mem_mb=node_size()[1]),
+        slurm=SlurmConfig(partition=P.PARTITION, max_cpus=cpus, max_mem_mb=mem_mb),
         models=ModelsConfig(cellpose=weights),
     )
     P.SITE_TOML.write_text(site.to_toml())

@@ -35,7 +35,8 @@ from typing import Any
 from hpc_jobs.fsutil import atomic_write
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation (always ``fullmatch``: with ``match``, ``$`` also accepts a trailing newline, which
+# would split an authorized_keys line)
 # ---------------------------------------------------------------------------------------------
 _OMERO_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _HPC_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -53,7 +54,7 @@ class KeyStoreError(ValueError):
 
 def validate_omero_user(name: str) -> str:
     """An OMERO user name: letters, digits, ``_ . @ -``, at most 64 characters."""
-    if not isinstance(name, str) or not _OMERO_USER_RE.match(name):
+    if not isinstance(name, str) or not _OMERO_USER_RE.fullmatch(name):
         raise KeyStoreError(
             f"invalid OMERO user name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . @ -, "
             "starting with a letter or digit"
@@ -63,7 +64,7 @@ def validate_omero_user(name: str) -> str:
 
 def validate_hpc_user(name: str) -> str:
     """A POSIX account name on the cluster (lower case, at most 32 characters)."""
-    if not isinstance(name, str) or not _HPC_USER_RE.match(name):
+    if not isinstance(name, str) or not _HPC_USER_RE.fullmatch(name):
         raise KeyStoreError(
             f"invalid HPC user name {name!r}: use a POSIX account name "
             "(lower-case letters, digits, _ and -, starting with a letter or _, at most 32)"
@@ -83,7 +84,7 @@ def validate_host(host: str) -> str:
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    if not all(_HOST_LABEL_RE.match(label) for label in labels):
+    if not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
         raise KeyStoreError(
             f"invalid host {host!r}: give a DNS name (letters, digits, '-' and dots) or an IP "
             "address, without user@ or :port"
@@ -119,7 +120,7 @@ def validate_from(value: str | Sequence[str] | None) -> list[str]:
 def validate_abs_path(path: str | Path, what: str) -> str:
     """An absolute path free of quotes, spaces, commas and other shell/authorized_keys syntax."""
     text = str(path)
-    if not _PATH_RE.match(text) or "/../" in text + "/" or "//" in text:
+    if not _PATH_RE.fullmatch(text) or "/../" in text + "/" or "//" in text:
         raise KeyStoreError(
             f"invalid {what} {text!r}: give an absolute, normalised path using only "
             "A-Z a-z 0-9 _ . / + @ - (no spaces, quotes, commas or '..')"
@@ -129,7 +130,7 @@ def validate_abs_path(path: str | Path, what: str) -> str:
 
 def validate_public_key(public_key: str) -> tuple[str, str, str | None]:
     """Split an OpenSSH public key line into (type, base64 blob, comment)."""
-    m = _PUBKEY_RE.match((public_key or "").strip())
+    m = _PUBKEY_RE.fullmatch((public_key or "").strip())
     if not m:
         raise KeyStoreError(
             "invalid public key: expected one OpenSSH line 'ssh-ed25519 AAAA... [comment]'"
@@ -172,7 +173,7 @@ def authorized_keys_line(
     line = f"{','.join(options)} {ktype} {blob}"
     final_comment = comment if comment is not None else key_comment
     if final_comment:
-        if not _COMMENT_RE.match(final_comment):
+        if not _COMMENT_RE.fullmatch(final_comment):
             raise KeyStoreError(
                 f"invalid key comment {final_comment!r}: use A-Z a-z 0-9 _ . : @ = + -"
             )
@@ -192,7 +193,7 @@ def generate_keypair(path: Path, comment: str) -> str:
 
     Uses ``ssh-keygen`` (argv only) when present, else the ``cryptography`` package.
     """
-    if not _COMMENT_RE.match(comment):
+    if not _COMMENT_RE.fullmatch(comment):
         raise KeyStoreError(f"invalid key comment {comment!r}")
     path = Path(path)
     if path.exists() or path.with_suffix(path.suffix + ".pub").exists():

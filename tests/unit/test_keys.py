@@ -229,3 +229,19 @@ def test_expired_key_is_not_used(tmp_path: Path) -> None:
     store.save(record)
     assert store.active_key_file("carol") is None
     assert keys.format_table(store.records()).splitlines()[1].split()[-1] == "expired"
+
+
+def test_a_trailing_newline_never_reaches_authorized_keys() -> None:
+    """``$`` in a ``match`` accepts "x\\n": every validator must refuse it (it would split
+    the authorized_keys line)."""
+    with pytest.raises(KeyStoreError):
+        keys.validate_omero_user("alice\n")
+    with pytest.raises(KeyStoreError):
+        keys.validate_hpc_user("alice\n")
+    with pytest.raises(KeyStoreError):
+        keys.validate_host("hpc.example.org\n")
+    with pytest.raises(KeyStoreError):
+        authorized_keys_line(PUB, GW + "\n", CFG)
+    with pytest.raises(KeyStoreError):
+        authorized_keys_line(PUB, GW, CFG, comment="omeflow:alice\n")
+    assert "\n" not in authorized_keys_line(PUB, GW, CFG, comment="omeflow:alice")

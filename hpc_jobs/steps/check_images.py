@@ -12,16 +12,19 @@ from typing import Any
 from pydantic import Field
 
 from hpc_jobs.steps.base import StepContext, StepParams
+from hpc_jobs.steps.fields import DapiChannel, ImageId
 from hpc_jobs.stores.base import TISSUE_PREFIX, ImageNotFound, StoreError
 
 
 class Params(StepParams):
     """Parameters of ``check_images``."""
 
-    image_ids: list[int] = Field(min_length=1, max_length=1000, description="Images to check.")
-    dapi_channel: int = Field(default=0, ge=0, description="Nuclear stain channel.")
+    image_ids: list[ImageId] = Field(
+        min_length=1, max_length=1000, description="Image ids (in the image store) to process."
+    )
+    dapi_channel: DapiChannel = 0
     marker_channel: int = Field(
-        default=-1, ge=-1, description="Marker channel (-1 = the last channel)."
+        default=-1, ge=-1, le=255, description="Marker channel (-1 = the last channel)."
     )
     need_tissue: bool = Field(
         default=True, description="Require a tissue ROI (needed by the ecdf step)."

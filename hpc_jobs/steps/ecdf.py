@@ -19,11 +19,12 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
 from hpc_jobs.steps.base import StepContext, StepParams
+from hpc_jobs.steps.fields import ImageId, Workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,14 +40,12 @@ ANNOTATION_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 class Params(StepParams):
     """Parameters of ``ecdf``."""
 
-    image_id: int = Field(ge=1, description="Image id in the image store.")
-    channels: list[int] | None = Field(
-        default=None, description="Channels to measure (default: all)."
+    image_id: ImageId
+    channels: list[Annotated[int, Field(ge=0, le=255)]] | None = Field(
+        default=None, min_length=1, description="Channels to measure (default: all)."
     )
     level: int = Field(default=0, ge=0, le=16, description="Pyramid level (0 = full size).")
-    workers: int | None = Field(
-        default=None, ge=1, le=256, description="Parallel block readers (default: job CPUs)."
-    )
+    workers: Workers = None
     attach: bool = Field(
         default=True, description="Attach the results and a map annotation to the image."
     )

@@ -19,12 +19,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from math import gcd
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
 from hpc_jobs.steps.base import StepContext, StepParams
+from hpc_jobs.steps.fields import BlockSize, ImageId, Workers
 
 if TYPE_CHECKING:
     import zarr
@@ -37,23 +39,24 @@ PROGRESS_VERSION = "omeflow-export-progress v1"
 class Params(StepParams):
     """Parameters of ``export_zarr``."""
 
-    image_id: int = Field(ge=1, description="Image id in the image store.")
-    block_size: int = Field(
-        default=2048, ge=16, le=16384,
-        description="Shard edge in pixels; one block = one shard, written by one worker.",
-    )
-    chunk_size: int = Field(
-        default=1024, ge=16, le=8192, description="Chunk edge in pixels (inside shards)."
+    image_id: ImageId
+    block_size: BlockSize = 2048
+    chunk_size: int | None = Field(
+        default=None, ge=16, le=8192, multiple_of=16,
+        description="Chunk edge (px) inside a shard; it must divide block_size (default: the "
+        "largest power of two <= 1024 that divides block_size).",
     )
     overwrite: bool = Field(
-        default=False, description="Delete an existing Zarr of this image and export anew."
+        default=False,
+        description="Delete an existing Zarr of this image and export anew (needed when the "
+        "existing export has another block size or layout).",
     )
-    workers: int | None = Field(
-        default=None, ge=1, le=256, description="Parallel block writers (default: job CPUs)."
-    )
+    workers: Workers = None
 
     @model_validator(mode="after")
     def _shard_holds_chunks(self) -> Params:
+        if self.chunk_size is None:
+            self.chunk_size = gcd(self.block_size, 1024)
         if self.block_size % self.chunk_size:
             raise ValueError(
                 f"block_size={self.block_size} must be a multiple of chunk_size="

@@ -21,19 +21,21 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from hpc_jobs.steps.base import StepContext, StepParams
+from hpc_jobs.steps.fields import BlockSize, DapiChannel, ImageId
 
 
 class Params(StepParams):
     """Parameters of ``segment_nuclei`` (also the Airflow trigger form)."""
 
-    image_id: int = Field(ge=1, description="Image id (the data folder images/<id>).")
-    dapi_channel: int = Field(0, ge=0, description="Channel index of the nuclear stain.")
+    image_id: ImageId
+    dapi_channel: DapiChannel = 0
     diameter: float = Field(20.0, gt=0, description="Expected nucleus diameter in pixels.")
     model: str | None = Field(
         None, description="Cellpose model file (or model name in the site model folder); "
         "default: the site model, else the bootstrapped one.")
-    block_size: int = Field(2048, ge=64, description="Tile core size (multiple of the shard).")
-    halo: int = Field(64, ge=0, description="Context pixels around each core.")
+    block_size: BlockSize = 2048
+    halo: int = Field(64, ge=0, le=4096, description="Context pixels around each tile core "
+                      "(at least 2 x diameter).")
     processes: int | None = Field(None, ge=1, description="Worker processes (default: CPUs).")
     window: int = Field(101, ge=1, description="Side of the statistics window (px).")
     phase: Literal["all", "tiles", "merge"] = Field("all", description="Which part to run.")

@@ -1,7 +1,8 @@
 """Step registry: step name -> module (``Params`` + ``run``) and default resources.
 
-Adding a workflow step = one module under ``hpc_jobs/steps/`` + one entry here. The gateway
-accepts only names listed here.
+Adding a workflow step = one module under ``hpc_jobs/steps/`` + one entry here (see the
+README, "Adding a step"). The gateway accepts only names listed here; the Airflow side takes
+step names, operator arguments and trigger-form Params from here too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from hpc_jobs.protocol import Resources
+
+#: Step names: use these constants (or ``STEPS``), never string literals, on both sides.
+CLUSTER_CHECK = "cluster_check"
+CHECK_IMAGES = "check_images"
+EXPORT_ZARR = "export_zarr"
+SEGMENT_NUCLEI = "segment_nuclei"
+ECDF = "ecdf"
 
 
 @dataclass(frozen=True)
@@ -44,32 +52,32 @@ STEPS: dict[str, StepSpec] = {
     spec.name: spec
     for spec in [
         StepSpec(
-            name="cluster_check",
+            name=CLUSTER_CHECK,
             module="hpc_jobs.steps.cluster_check",
             resources=Resources(cpus=1, mem_mb=512, time_min=10),
             description="Report node, CPUs, memory, GPUs, Python and package versions.",
             needs_store=False,
         ),
         StepSpec(
-            name="check_images",
+            name=CHECK_IMAGES,
             module="hpc_jobs.steps.check_images",
             resources=Resources(cpus=1, mem_mb=1024, time_min=10),
             description="Check images, channels and tissue ROIs before a run.",
         ),
         StepSpec(
-            name="export_zarr",
+            name=EXPORT_ZARR,
             module="hpc_jobs.steps.export_zarr",
             resources=Resources(cpus=4, mem_mb=8192, time_min=120),
             description="Export an image from the store to OME-Zarr (NGFF 0.5) on HPC storage.",
         ),
         StepSpec(
-            name="segment_nuclei",
+            name=SEGMENT_NUCLEI,
             module="hpc_jobs.steps.segment_nuclei",
             resources=Resources(cpus=8, mem_mb=16384, time_min=240),
             description="Tiled Cellpose nuclei segmentation with per-nucleus statistics.",
         ),
         StepSpec(
-            name="ecdf",
+            name=ECDF,
             module="hpc_jobs.steps.ecdf",
             resources=Resources(cpus=2, mem_mb=4096, time_min=60),
             description="Per tissue ROI (holes subtracted) histograms, eCDFs and quantiles.",
@@ -81,3 +89,14 @@ STEPS: dict[str, StepSpec] = {
 def get_step(name: str) -> StepSpec | None:
     """The spec of a registered step, or None."""
     return STEPS.get(name)
+
+
+def require_step(name: str) -> StepSpec:
+    """The spec of a registered step; an unknown name raises ``ValueError`` listing the known."""
+    spec = STEPS.get(name)
+    if spec is None:
+        raise ValueError(
+            f"unknown step {name!r}; registered steps: {', '.join(sorted(STEPS))} "
+            "(add a step to hpc_jobs/registry.py)"
+        )
+    return spec

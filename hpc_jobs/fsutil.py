@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +29,61 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         raise
 
 
+class LockTimeout(TimeoutError):
+    """A :func:`file_lock` with a ``timeout`` could not be taken in time."""
+
+
+#: First and longest pause between two tries of a lock that has a timeout (seconds).
+LOCK_POLL_S = (0.02, 0.5)
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, mode: int = 0o600) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (created if missing), across processes."""
+def file_lock(
+    path: Path, mode: int = 0o600, *, shared: bool = False, timeout: float | None = None
+) -> Iterator[None]:
+    """``fcntl.flock`` on ``path`` (created if missing), across processes.
+
+    Exclusive by default; ``shared=True`` takes a shared (reader) lock that other shared
+    holders may hold at the same time. ``timeout=None`` waits as long as it takes; otherwise
+    the lock is tried until ``timeout`` seconds have passed, then :class:`LockTimeout` is
+    raised. The kernel releases the lock when its holder exits, crashed or not.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, timeout, path)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _flock(fd: int, op: int, timeout: float | None, path: Path) -> None:
+    if timeout is None:
+        fcntl.flock(fd, op)
+        return
+    deadline = time.monotonic() + max(0.0, timeout)
+    pause = LOCK_POLL_S[0]
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"{path} is locked (waited {timeout:g} s)") from None
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, LOCK_POLL_S[1])
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-sized pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

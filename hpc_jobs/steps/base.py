@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from hpc_jobs.config import SiteConfig
+from hpc_jobs.image_lock import DEFAULT_WAIT_S, image_lock
 from hpc_jobs.protocol import Resources, Secrets
 
 if TYPE_CHECKING:
@@ -45,6 +47,13 @@ class StepContext:
     #: ``SLURM_ARRAY_TASK_ID`` (or the local scheduler's equivalent) for array jobs.
     array_task_id: int | None = None
     array_task_count: int | None = None
+    #: How long :meth:`lock_image` waits for an image held by another job (seconds).
+    lock_wait_s: float = DEFAULT_WAIT_S
+
+    @property
+    def job_key(self) -> str:
+        """This job's key (dag, run, task, map index, try): the name of its job directory."""
+        return self.job_dir.name
 
     @property
     def outputs(self) -> Path:
@@ -66,6 +75,14 @@ class StepContext:
         path = self.site.data_root / "images" / str(int(image_id))
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def lock_image(self, image_id: int, *, exclusive: bool, purpose: str
+                   ) -> AbstractContextManager[None]:
+        """The image's reader/writer lock (:mod:`hpc_jobs.image_lock`) held by this job:
+        ``exclusive`` for steps that rewrite the image's data, shared for readers."""
+        return image_lock(self.image_dir(image_id), job_key=self.job_key, exclusive=exclusive,
+                          purpose=purpose, wait_s=self.lock_wait_s, image_id=image_id,
+                          array_task=self.array_task_id)
 
     def open_store(self) -> ImageStore:
         """Open the site's image store, joined with this job's session key if it has one."""

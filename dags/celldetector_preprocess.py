@@ -12,6 +12,11 @@ in order on the cluster:
    to the image.
 
 Deselected steps are skipped (their outputs from an earlier run are reused).
+
+Every form field except ``steps``, ``segment_array_tasks`` and ``hpc_resources`` is a field of
+a step's params model (``hpc_jobs/steps/<step>.py``), generated from it with its bounds and
+default; ``hpc_resources`` overrides a step's cluster resources, e.g.
+``{"segment_nuclei": {"time_min": 600, "mem_mb": 32000}}``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,28 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG, Param, task, task_group
 
-from hpc_jobs.steps import check_images, segment_nuclei
+from hpc_jobs.registry import CHECK_IMAGES, ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
 from operators.celldetector import EcdfOperator, ExportZarrOperator, SegmentNucleiOperator
-from operators.hpc_step import HpcStepOperator
-from operators.params import param_from
+from operators.params import form_args, resources_param, step_form
+from operators.step import StepOperator
 
-STEPS = ["export_zarr", "segment_nuclei", "ecdf"]
+#: The per-image steps, in order (the ``steps`` param selects among them).
+PIPELINE = [EXPORT_ZARR, SEGMENT_NUCLEI, ECDF]
+#: Step fields this DAG fills itself, so they are not in the form: ``image_id`` (the mapped
+#: image), ``phase`` (SegmentNucleiOperator), ``need_tissue`` (whether ecdf is selected).
+FILLED_BY_DAG = ("image_id", "phase", "need_tissue")
+#: The form params that are not step fields (every other one is generated from a step model).
+DAG_ONLY_PARAMS: dict[str, Param] = {
+    "steps": Param(
+        PIPELINE, type="array", items={"type": "string", "enum": PIPELINE}, minItems=1,
+        uniqueItems=True, description="which steps to run (deselected ones reuse earlier outputs)",
+    ),
+    "segment_array_tasks": Param(
+        1, type="integer", minimum=1, maximum=256,
+        description="split segmentation over this many Slurm array tasks (large images)",
+    ),
+    "hpc_resources": resources_param(PIPELINE),
+}
 
 with DAG(
     dag_id="celldetector_preprocess",
@@ -37,64 +58,40 @@ with DAG(
     tags=["omeflow", "celldetector"],
     doc_md=__doc__,
     params={
-        "image_ids": Param(
-            [1], type="array", items={"type": "integer", "minimum": 1}, minItems=1, maxItems=1000,
-            description="OMERO image ids to process",
-        ),
-        "dapi_channel": param_from(check_images.Params, "dapi_channel"),
-        "marker_channel": param_from(check_images.Params, "marker_channel"),
-        "steps": Param(
-            STEPS, type="array", items={"type": "string", "enum": STEPS}, minItems=1,
-            uniqueItems=True, description="which steps to run",
-        ),
-        "diameter": param_from(segment_nuclei.Params, "diameter"),
-        "model": Param(
-            None, type=["null", "string"],
-            description="Cellpose model file or name on the cluster (empty: the site's model)",
-        ),
-        "block_size": Param(
-            2048, type="integer", minimum=256, maximum=16384, multipleOf=256,
-            description="edge (px) of the blocks one writer / one Cellpose tile owns "
-            "(= the Zarr shard); 2048 suits whole slides",
-        ),
-        "segment_array_tasks": Param(
-            1, type="integer", minimum=1, maximum=256,
-            description="split segmentation over this many Slurm array tasks (large images)",
-        ),
+        **step_form([CHECK_IMAGES, *PIPELINE], exclude=FILLED_BY_DAG,
+                    defaults={"image_ids": [1]}),
+        **DAG_ONLY_PARAMS,
     },
 ) as dag:
-    check = HpcStepOperator(
+    check = StepOperator(
         task_id="check_images",
-        step="check_images",
-        step_params={
-            "image_ids": "{{ params.image_ids }}",
-            "dapi_channel": "{{ params.dapi_channel }}",
-            "marker_channel": "{{ params.marker_channel }}",
-            "need_tissue": "{{ 'ecdf' in params.steps }}",
-        },
+        step=CHECK_IMAGES,
+        **form_args(CHECK_IMAGES, exclude=FILLED_BY_DAG),
+        need_tissue="{{ '%s' in params.steps }}" % ECDF,  # noqa: UP031 - Jinja braces
         poll_interval=2.0,
     )
+
+    def _step_args(step: str) -> dict[str, str]:
+        """The form's values for ``step``, whether it runs, and its resource overrides."""
+        return {
+            **form_args(step, exclude=FILLED_BY_DAG),
+            "enabled": "{{ '%s' in params.steps }}" % step,  # noqa: UP031
+            "hpc_resources": "{{ params.hpc_resources.get('%s', {}) }}" % step,  # noqa: UP031
+        }
 
     @task_group(group_id="image")
     def per_image(image_id: int) -> None:
         """export → segment → ecdf for one image."""
         export = ExportZarrOperator(
-            task_id="export_zarr", image_id=image_id,
-            block_size="{{ params.block_size }}",
-            chunk_size="{{ [1024, params.block_size] | min }}",
-            enabled="{{ 'export_zarr' in params.steps }}", poll_interval=2.0,
+            task_id=EXPORT_ZARR, image_id=image_id, **_step_args(EXPORT_ZARR), poll_interval=2.0
         )
         segment = SegmentNucleiOperator(
-            task_id="segment_nuclei", image_id=image_id,
-            dapi_channel="{{ params.dapi_channel }}", diameter="{{ params.diameter }}",
-            model="{{ params.model }}", block_size="{{ params.block_size }}",
-            array_tasks="{{ params.segment_array_tasks }}",
-            enabled="{{ 'segment_nuclei' in params.steps }}", trigger_rule="none_failed",
+            task_id=SEGMENT_NUCLEI, image_id=image_id, **_step_args(SEGMENT_NUCLEI),
+            array_tasks="{{ params.segment_array_tasks }}", trigger_rule="none_failed",
             poll_interval=2.0,
         )
         ecdf = EcdfOperator(
-            task_id="ecdf", image_id=image_id,
-            enabled="{{ 'ecdf' in params.steps }}", trigger_rule="none_failed",
+            task_id=ECDF, image_id=image_id, **_step_args(ECDF), trigger_rule="none_failed",
             poll_interval=2.0,
         )
         export >> segment >> ecdf

@@ -11,7 +11,16 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG, Param
 
-from operators.hpc_step import HpcStepOperator
+from hpc_jobs.registry import CLUSTER_CHECK
+from operators.params import form_args, step_form
+from operators.step import StepOperator
+
+#: The form params that are not step fields: the job's time limit (checks that Slurm enforces
+#: it, with ``sleep_s``). Every other param is generated from ``cluster_check.Params``.
+DAG_ONLY_PARAMS: dict[str, Param] = {
+    "time_min": Param(10, type="integer", minimum=1, maximum=1440,
+                      description="the job's time limit in minutes"),
+}
 
 with DAG(
     dag_id="omeflow_cluster_check",
@@ -21,20 +30,13 @@ with DAG(
     catchup=False,
     render_template_as_native_obj=True,
     tags=["omeflow", "admin"],
-    params={
-        "sleep_s": Param(0, type="integer", minimum=0, maximum=86400,
-                         description="sleep this long in the job (checks cancel / time limit)"),
-        "exit_code": Param(0, type="integer", minimum=0, maximum=255,
-                           description="exit with this status (checks failure reporting)"),
-        "time_min": Param(10, type="integer", minimum=1, maximum=1440,
-                          description="the job's time limit in minutes"),
-    },
+    params={**step_form([CLUSTER_CHECK]), **DAG_ONLY_PARAMS},
     doc_md=__doc__,
 ) as dag:
-    HpcStepOperator(
-        task_id="cluster_check",
-        step="cluster_check",
-        step_params={"sleep_s": "{{ params.sleep_s }}", "exit_code": "{{ params.exit_code }}"},
+    StepOperator(
+        task_id=CLUSTER_CHECK,
+        step=CLUSTER_CHECK,
+        **form_args(CLUSTER_CHECK),
         hpc_resources={"time_min": "{{ params.time_min }}"},
         poll_interval=2.0,
     )

@@ -1,8 +1,7 @@
-"""The CellDetector preprocessing operators: thin, typed subclasses of HpcStepOperator.
-
-Each one only names its step and turns its typed arguments into the step's params; the
-cluster side validates them with the step's model. ``enabled`` (templated) lets a DAG skip a
-step the user deselected in the trigger form.
+"""The CellDetector preprocessing operators: :class:`~operators.step.StepOperator` with the
+step fixed. Their arguments are exactly the fields of the step's ``Params`` model
+(``hpc_jobs/steps/<step>.py``), and only the values given are sent: the model's defaults apply
+to the rest. Only segmentation adds behaviour of its own (tiles on a job array, then a merge).
 """
 
 from __future__ import annotations
@@ -11,82 +10,65 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowSkipException
 
 from hpc_jobs.protocol import job_key_for
+from hpc_jobs.registry import ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
 from operators.hpc_step import HpcStepOperator
+from operators.step import StepOperator
 from operators.triggers import HpcJobTrigger
 
 
-class _ImageStepOperator(HpcStepOperator):
-    """A step on one image; skipped when ``enabled`` renders false."""
-
-    template_fields: Sequence[str] = (*HpcStepOperator.template_fields, "image_id", "enabled")
-    step_name = ""
-
-    def __init__(self, *, image_id: Any, enabled: Any = True, **kwargs: Any) -> None:
-        super().__init__(step=self.step_name, **kwargs)
-        self.image_id = image_id
-        self.enabled = enabled
-
-    def prepare_params(self, context: Context) -> dict[str, Any]:
-        return {**self.step_params, "image_id": int(self.image_id)}
-
-    def execute(self, context: Context) -> Any:
-        if self.enabled in (False, "False", "false", 0, None, ""):
-            raise AirflowSkipException(f"{self.step_name} was not selected for this run")
-        return super().execute(context)
-
-
-class ExportZarrOperator(_ImageStepOperator):
+class ExportZarrOperator(StepOperator):
     """Export an image from the store to OME-Zarr (NGFF 0.5) on cluster storage.
 
-    :param image_id: image in the store (templated).
-    :param overwrite: export again even if a complete Zarr exists.
-    :param block_size: shard edge = the block one writer (and one Cellpose tile) owns.
-    :param chunk_size: chunk edge inside shards (divides ``block_size``).
+    Arguments: the fields of ``hpc_jobs.steps.export_zarr.Params`` (``image_id``,
+    ``block_size``, ``chunk_size``, ``overwrite``, ``workers``), templated.
     """
 
-    step_name = "export_zarr"
-
-    def __init__(self, *, overwrite: bool = False, block_size: Any = 2048,
-                 chunk_size: Any = 1024, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.step_params = {"overwrite": overwrite, "block_size": block_size,
-                            "chunk_size": chunk_size, **self.step_params}
+    step_name = EXPORT_ZARR
 
 
-class SegmentNucleiOperator(_ImageStepOperator):
+class EcdfOperator(StepOperator):
+    """Histograms, eCDFs and quantiles per tissue ROI (holes subtracted) and channel.
+
+    Arguments: the fields of ``hpc_jobs.steps.ecdf.Params``, templated.
+    """
+
+    step_name = ECDF
+
+
+class SegmentNucleiOperator(StepOperator):
     """Tiled Cellpose segmentation of one image, optionally as a Slurm array + merge.
 
-    :param image_id: image (its Zarr must exist: run ExportZarrOperator first). Templated.
-    :param dapi_channel: nuclear stain channel. :param diameter: nucleus diameter in px.
-    :param model: Cellpose model name or a file in the site's model folders (default: the
-        site's model, else the bootstrapped one).
-    :param block_size: tile core edge; equals the Zarr shard edge of the export.
-    :param array_tasks: > 1 splits the tiles over that many array tasks (one node each),
-        followed by a merge job; 1 runs everything in one job (processes inside the node).
+    Arguments: the fields of ``hpc_jobs.steps.segment_nuclei.Params`` except ``phase`` (set
+    here), templated, and:
+
+    :param array_tasks: > 1 splits the tiles over that many array tasks (one node each), then
+        a merge array (``phase="merge"``, its own job key: task t paints the cores of its
+        tiles, task 0 writes the table) whose summary is the task's result; 1 runs everything
+        in one job. Templated.
     """
 
-    step_name = "segment_nuclei"
-    template_fields: Sequence[str] = (*_ImageStepOperator.template_fields, "array_tasks")
+    step_name = SEGMENT_NUCLEI
+    fills = frozenset({"phase"})
+    template_fields: Sequence[str] = (*StepOperator.template_fields, "array_tasks")
 
-    def __init__(self, *, dapi_channel: Any = 0, diameter: Any = 20.0, model: Any = None,
-                 block_size: Any = 2048, array_tasks: Any = 1, **kwargs: Any) -> None:
+    def __init__(self, *, array_tasks: Any = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.step_params = {"dapi_channel": dapi_channel, "diameter": diameter, "model": model,
-                            "block_size": block_size, **self.step_params}
         self.array_tasks = array_tasks
 
+    def _tasks(self) -> int:
+        return int(self.array_tasks or 1)
+
     def execute(self, context: Context) -> Any:
-        tasks = int(self.array_tasks or 1)
+        tasks = self._tasks()
         if tasks > 1:
             self.step_params = {**self.step_params, "phase": "tiles"}
             self.hpc_resources = {**self.hpc_resources, "array": f"0-{tasks - 1}"}
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        if int(self.array_tasks or 1) <= 1:
+        if self._tasks() <= 1:
             return super().execute_complete(context, event)
         self.raise_for_state(event)  # every array task finished
         # the tiles are done on every node: one merge job writes labels + the nuclei table
@@ -105,17 +87,3 @@ class SegmentNucleiOperator(_ImageStepOperator):
     def execute_merged(self, context: Context, event: dict[str, Any]) -> Any:
         """The merge job ended: its summary is the task's result."""
         return HpcStepOperator.execute_complete(self, context, event)
-
-
-class EcdfOperator(_ImageStepOperator):
-    """Histograms, eCDFs and quantiles per tissue ROI (holes subtracted) and channel.
-
-    :param image_id: image (its Zarr must exist). Templated.
-    :param channels: channels to measure (default: all).
-    """
-
-    step_name = "ecdf"
-
-    def __init__(self, *, channels: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.step_params = {"channels": channels, **self.step_params}

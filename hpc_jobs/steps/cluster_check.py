@@ -30,7 +30,10 @@ PACKAGES = (
 class Params(StepParams):
     """Parameters of ``cluster_check``."""
 
-    sleep_s: int = Field(default=0, ge=0, le=86_400, description="sleep this long first")
+    sleep_s: int = Field(
+        default=0, ge=0, le=86_400,
+        description="sleep this long in the job, in seconds (checks cancellation, time limits)",
+    )
     exit_code: int = Field(
         default=0, ge=0, le=255, description="exit with this status (checks failure reporting)"
     )

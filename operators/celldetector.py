@@ -15,7 +15,6 @@ from hpc_jobs.protocol import job_key_for
 from hpc_jobs.registry import ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
 from operators.hpc_step import HpcStepOperator
 from operators.step import StepOperator
-from operators.triggers import HpcJobTrigger
 
 
 class ExportZarrOperator(StepOperator):
@@ -71,18 +70,23 @@ class SegmentNucleiOperator(StepOperator):
         if self._tasks() <= 1:
             return super().execute_complete(context, event)
         self.raise_for_state(event)  # every array task finished
-        # the tiles are done on every node: one merge job writes labels + the nuclei table
-        ti = context["ti"]
-        key = job_key_for(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number, "merge")
+        # the tiles are done on every node: the merge writes labels + the nuclei table
         params = {**self.prepare_params(context), "phase": "merge"}
-        reply = self.hook.submit(self.step, key, params=params, resources=self.hpc_resources,
-                                 secrets=self.mint_secrets(context))
+        reply = self.hook.submit(self.step, self.merge_job_key(context), params=params,
+                                 resources=self.hpc_resources, secrets=self.mint_secrets(context))
         self.log.info("tiles done; merge job %s (native id %s)", reply.job_id, reply.native_id)
-        self.defer(
-            trigger=HpcJobTrigger(job_id=reply.job_id, hpc_conn_id=self.hpc_conn_id,
-                                  poll_interval=self.poll_interval, native_id=reply.native_id),
-            method_name="execute_merged",
-        )
+        self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
+                   method_name="execute_merged")
+
+    def merge_job_key(self, context: Context) -> str:
+        """The merge job's own key (the tiles job has :meth:`job_key`)."""
+        ti = context["ti"]
+        return job_key_for(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number, "merge")
+
+    def deferred_job_ids(self, context: Context) -> list[str]:
+        """The tiles job, and the merge job when there is one."""
+        keys = super().deferred_job_ids(context)
+        return [*keys, self.merge_job_key(context)] if self._tasks() > 1 else keys
 
     def execute_merged(self, context: Context, event: dict[str, Any]) -> Any:
         """The merge job ended: its summary is the task's result."""

@@ -54,6 +54,9 @@ class StoreConfig(_Cfg):
     host: str | None = None
     port: int = 4064
     secure: bool = True
+    #: PEM file of the CA that signed the OMERO server's certificate. Set it and jobs verify
+    #: the server before sending their session key (docs/omero.md, "TLS").
+    ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> StoreConfig:
@@ -169,7 +172,9 @@ class SiteConfig(_Cfg):
             p = Path(p).expanduser()
             return p if p.is_absolute() else (base / p).resolve()
 
-        store = self.store.model_copy(update={"path": fix(self.store.path)})
+        store = self.store.model_copy(
+            update={"path": fix(self.store.path), "ca_file": fix(self.store.ca_file)}
+        )
         models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose)})
         return self.model_copy(
             update={

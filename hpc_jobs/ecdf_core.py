@@ -129,7 +129,7 @@ def tissue_regions(rois: Sequence[Roi], size_x: int, size_y: int) -> list[Region
         tissue = [s for s in roi.shapes if s.text.startswith(TISSUE_PREFIX)]
         if not tissue:
             continue
-        notes = []
+        notes = list(roi.notes)  # shapes the store could not represent
         geoms = []
         for s in tissue:
             g = shape_geometry(s)

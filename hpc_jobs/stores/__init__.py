@@ -18,5 +18,9 @@ def open_store(config: StoreConfig, secrets: Secrets | None = None) -> ImageStor
 
     key = secrets.omero_session_key if secrets else None
     return OmeroStore.join(
-        host=config.host or "", port=config.port, session_key=key, secure=config.secure
+        host=config.host or "",
+        port=config.port,
+        session_key=key,
+        secure=config.secure,
+        ca_file=config.ca_file,
     )

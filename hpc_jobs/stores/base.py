@@ -25,7 +25,13 @@ HOLE_PREFIX = "hole_"
 
 
 class StoreError(Exception):
-    """A store refused a request. The message names the fix."""
+    """A store refused a request. The message names the fix.
+
+    ``retryable`` is True for conditions that pass by themselves (e.g. an OMERO pyramid still
+    being built): the job may exit with a distinct status so the task is retried.
+    """
+
+    retryable: bool = False
 
 
 class ImageNotFound(StoreError):
@@ -101,12 +107,17 @@ Shape = PolygonShape | PointShape | EllipseShape
 
 @dataclass(frozen=True)
 class Roi:
-    """One ROI: a group of shapes. ``namespace`` is None for ROIs people drew."""
+    """One ROI: a group of shapes. ``namespace`` is None for ROIs people drew.
+
+    ``notes`` says which of the ROI's shapes the store could not represent (e.g. an OMERO
+    Line or Mask): they are left out of ``shapes`` and reported, never dropped silently.
+    """
 
     roi_id: int
     shapes: tuple[Shape, ...]
     name: str = ""
     namespace: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

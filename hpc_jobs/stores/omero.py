@@ -2,42 +2,42 @@
 
 A job joins the session its orchestrator minted for it (:meth:`OmeroStore.join` with the
 per-job session key; no password ever reaches the cluster). :meth:`OmeroStore.login` (user +
-password) exists for the contract tests and for people at a terminal.
+password) exists for the contract tests and for people at a terminal. Both build the
+``omero.client`` themselves (:mod:`.omero_tls`: the server's CA can be pinned) and hand it to
+``BlitzGateway(client_obj=...)``, the pattern omero-py's own CLI plugins use
+(``src/omero/plugins/download.py``).
 
-Mapping onto OMERO:
+Mapping onto OMERO (each detail cites its upstream source in the module that does it):
 
-- pixels: ``conn.getObject("Image", id).getPrimaryPixels().getTile(z, c, t, (x, y, w, h))``
-  for level 0, cut in tiles of at most :data:`MAX_TILE` px (OMERO refuses planes larger than
-  ``omero.pixeldata.max_plane_*``). Reduced levels go through a RawPixelsStore:
-  ``setResolutionLevel`` counts the other way round (``levels - 1`` is full size, 0 the
-  smallest), so our ``level`` (0 = full size) becomes ``levels - 1 - level``; its
-  ``getTile`` returns big-endian bytes.
-- ROIs: ``conn.getRoiService().findByImage``; shapes are PolygonI (``points`` "x,y x,y ..."),
-  PointI, EllipseI, each with ``textValue``. OMERO ROIs have no namespace field, so **the
-  namespace is kept in the ROI's description** as ``omeflow:ns=<namespace>`` (visible in
-  OMERO.web, filterable without extra queries or links); ROIs whose description lacks that
-  prefix (people-drawn ones) have ``namespace=None``. Writes go through
-  ``getUpdateService().saveAndReturnArray`` in batches; replace = ``conn.deleteObjects("Roi",
-  ids)`` of that namespace first.
-- map annotations: ``MapAnnotationWrapper`` with ``setNs`` linked to the image; replace
-  deletes the image's map annotations of that namespace.
-- attachments: ``conn.createFileAnnfromLocalFile(path, mimetype=..., ns=...)`` +
-  ``image.linkAnnotation``; ``file_id`` is the FileAnnotation id; replace deletes earlier
-  FileAnnotations with the same file name and namespace.
+- group context (:mod:`.omero_context`): reads in all groups (``omero.group=-1``), every
+  write in the image's group;
+- pixels (:mod:`.omero_pixels`): one RawPixelsStore per thread and image, numpy decoding,
+  a pyramid still being built -> :class:`~.omero_pixels.PyramidNotReady` ("retry later");
+  image info (size, type, group, pixels id, levels) is cached per store;
+- pixel sizes (:mod:`.omero_units`): micrometres, PIXEL / REFERENCEFRAME units = unknown;
+- ROIs: paged queries (ids first, then one page of ROIs with shapes and transforms);
+  shapes (:mod:`.omero_shapes`): transforms applied, rectangles as polygons, shapes without
+  area reported in ``Roi.notes``. OMERO ROIs have no namespace field, so **the namespace is
+  kept in the ROI's description** as ``omeflow:ns=<namespace>``; ROIs without that prefix
+  (people-drawn ones) have ``namespace=None``. ``replace`` saves the new ROIs, then deletes
+  the old ones of that namespace (ids by query, no shapes loaded);
+- deletes (:mod:`.omero_delete`): our own Delete2 commands in batches, waited for with a
+  timeout that fails, response checked;
+- map annotations: ``MapAnnotationWrapper`` with ``setNs`` linked to the image;
+- attachments: ``createFileAnnfromLocalFile(path, origFilePathAndName=...)`` uploads the
+  original file under the attachment's name (no temporary copy).
 
-NOT TESTED AGAINST A SERVER: no OMERO server (and no zeroc-ice 3.6.5 for Python 3.11) could
-run where this was written. The code follows omero-py 5.19's documented API; it is covered by
-``tests/contract/test_store_contract.py``, which runs the same tests as for LocalStore once
-``OMERO_HOST``/``OMERO_USER``/``OMERO_PASSWORD`` point at a server. Until that has run, treat
-the reduced-level reads and the description-based namespaces as the parts most likely to need
-a fix.
+NOT TESTED AGAINST A SERVER here (none can run on these machines): unit tests cover every
+piece decidable without one (tests/unit/test_omero_*.py), ``make test-omero-lane`` runs the
+conversions with real omero.model classes, and ``make test-omero-contract`` runs the store
+contract suite against a site's own test OMERO (docs/omero.md).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,34 +45,56 @@ import numpy as np
 
 from hpc_jobs.stores.base import (
     Attachment,
-    EllipseShape,
     ImageInfo,
     ImageNotFound,
     MapAnnotation,
     NewRoi,
-    PointShape,
-    PolygonShape,
     Roi,
-    Shape,
     StoreError,
     checked_attachment,
 )
+from hpc_jobs.stores.omero_context import ALL_GROUPS, in_group, write_ctx
+from hpc_jobs.stores.omero_delete import delete_objects, wait_for
+from hpc_jobs.stores.omero_pixels import (
+    PIXEL_TYPES,
+    PyramidNotReady,
+    TileReader,
+    is_missing_pyramid,
+    numpy_dtype,
+    pyramid_not_ready,
+)
+from hpc_jobs.stores.omero_shapes import (
+    NS_PREFIX,
+    format_points,
+    namespace_of,
+    parse_points,
+    shape_from_omero,
+    shape_to_omero,
+)
+from hpc_jobs.stores.omero_tls import new_client
+from hpc_jobs.stores.omero_units import pixel_size_um
 
 INSTALL_HINT = "pip install 'omeflow[omero]' (needs Python 3.10 for zeroc-ice 3.6.5)"
-NS_PREFIX = "omeflow:ns="
-MAX_TILE = 2048
 SAVE_BATCH = 500
-#: OMERO pixel types -> numpy dtype names.
-PIXEL_TYPES = {
-    "int8": "int8",
-    "uint8": "uint8",
-    "int16": "int16",
-    "uint16": "uint16",
-    "int32": "int32",
-    "uint32": "uint32",
-    "float": "float32",
-    "double": "float64",
+#: ROIs per query page (ids first, then these ROIs with their shapes).
+ROI_PAGE = 1000
+#: Ice exception names that mean "no connection to the server" (vs. "session refused").
+_UNREACHABLE = {
+    "ConnectionRefusedException",
+    "ConnectFailedException",
+    "ConnectTimeoutException",
+    "DNSException",
+    "SocketException",
+    "TimeoutException",
+    "ConnectionLostException",
 }
+_TLS_FAILED = {"SecurityException", "ProtocolException"}
+
+_ROI_IDS = "select r.id from Roi r where r.image.id = :iid{ns} order by r.id"
+_ROIS_WITH_SHAPES = (
+    "select distinct r from Roi r left outer join fetch r.shapes s "
+    "left outer join fetch s.transform where r.id in (:ids) order by r.id"
+)
 
 
 def _require_omero() -> Any:
@@ -88,28 +110,45 @@ def _val(x: Any) -> Any:
     return None if x is None else (x.getValue() if hasattr(x, "getValue") else x)
 
 
-def format_points(points: Sequence[tuple[float, float]]) -> str:
-    """OMERO's polygon ``points`` string: ``"x,y x,y ..."``."""
-    return " ".join(f"{float(x)!r},{float(y)!r}" for x, y in points)
+def _names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
 
 
-def parse_points(text: str) -> tuple[tuple[float, float], ...]:
-    """Inverse of :func:`format_points` (also accepts OMERO's older ``points[...]`` form)."""
-    text = text.strip()
-    if text.startswith("points["):  # pre-5.3 "points[x,y x,y] points1[...] ..."
-        text = text[len("points[") : text.index("]")]
-    pts = []
-    for pair in text.replace(", ", ",").split():
-        x, y = pair.split(",")
-        pts.append((float(x), float(y)))
-    return tuple(pts)
+def _open_session(host: str, port: int, ca_file: str | Path | None, start: Any) -> Any:
+    """A client with a session (``start(client)`` creates or joins it), errors named."""
+    client = new_client(host, port, ca_file)
+    try:
+        start(client)
+    except Exception as exc:  # noqa: BLE001 - Ice raises many types; sorted below
+        client.__del__()  # omero.client's own cleanup (closes the communicator)
+        names = _names(exc)
+        if names & _TLS_FAILED:
+            raise StoreError(
+                f"TLS handshake with OMERO at {host}:{port} failed ({type(exc).__name__}): the "
+                f"server's certificate is not signed by the pinned CA {ca_file} or does not "
+                "name this host; check store.ca_file and the server's certificate"
+            ) from None
+        if names & _UNREACHABLE:
+            raise StoreError(
+                f"could not reach OMERO at {host}:{port} ({type(exc).__name__}): check "
+                "store.host / store.port in site.toml and that compute nodes can reach it "
+                "(directly or through the login node's reverse tunnel)"
+            ) from None
+        raise StoreError(
+            f"OMERO at {host}:{port} refused the session ({type(exc).__name__}): the key is "
+            "expired or invalid (re-run the task so the orchestrator mints a fresh key), or "
+            "the user name / password is wrong"
+        ) from None
+    return client
 
 
-def namespace_of(description: str | None) -> str | None:
-    """The namespace stored in an ROI description, or None for people-drawn ROIs."""
-    if description and description.startswith(NS_PREFIX):
-        return description[len(NS_PREFIX) :]
-    return None
+@dataclass(frozen=True)
+class _Image:
+    """What reads and writes need to know about an image (cached per store)."""
+
+    info: ImageInfo
+    group_id: int
+    pixels_id: int
 
 
 class OmeroStore:
@@ -118,14 +157,25 @@ class OmeroStore:
     def __init__(self, conn: Any, close_session: bool = False) -> None:
         self.conn = conn
         self._close_session = close_session
-        self._levels: dict[int, int] = {}
+        self._images: dict[int, _Image] = {}
+        self._readers: dict[int, TileReader] = {}
 
     # connection ------------------------------------------------------------
     @classmethod
     def join(
-        cls, host: str, port: int = 4064, session_key: str | None = None, secure: bool = True
+        cls,
+        host: str,
+        port: int = 4064,
+        session_key: str | None = None,
+        secure: bool = True,
+        ca_file: str | Path | None = None,
     ) -> OmeroStore:
-        """Join an existing session (the job's key); closing leaves the session alive."""
+        """Join an existing session (the job's key); closing leaves the session alive.
+
+        The join itself always runs over TLS (the session key crosses it); ``secure=False``
+        then switches the data connection to the server's insecure router
+        (``BlitzGateway.setSecure``), as a password login does.
+        """
         blitz = _require_omero()
         if not host:
             raise StoreError("store.host is empty: set the OMERO host in the site config")
@@ -134,42 +184,29 @@ class OmeroStore:
                 "no OMERO session key for this job: the orchestrator mints one per job "
                 "(hooks/omero.py) and sends it in the request's secrets"
             )
-        conn = blitz(host=host, port=port, secure=secure)
-        try:
-            joined = conn.connect(sUuid=session_key)
-        except Exception as exc:  # noqa: BLE001 - Ice raises many types; all mean "not joined"
-            conn.close()
-            raise StoreError(
-                f"could not reach OMERO at {host}:{port} ({type(exc).__name__}): check "
-                "store.host / store.port in site.toml and that compute nodes can reach it "
-                "(directly or through the login node's reverse tunnel)"
-            ) from None
-        if not joined:
-            conn.close()
-            raise StoreError(
-                f"could not join OMERO session at {host}:{port}: the key is expired or "
-                "invalid, or the server is unreachable; re-run the task so the orchestrator "
-                "mints a fresh key, and check that compute nodes can reach the server"
-            )
-        return cls._ready(conn, close_session=False)
+        client = _open_session(host, port, ca_file, lambda c: c.joinSession(session_key))
+        return cls._ready(blitz(client_obj=client), secure, close_session=False)
 
     @classmethod
     def login(
-        cls, host: str, user: str, password: str, port: int = 4064, secure: bool = True
+        cls,
+        host: str,
+        user: str,
+        password: str,
+        port: int = 4064,
+        secure: bool = True,
+        ca_file: str | Path | None = None,
     ) -> OmeroStore:
         """Log in with a user name and password (tests, interactive use)."""
         blitz = _require_omero()
-        conn = blitz(user, password, host=host, port=port, secure=secure)
-        if not conn.connect():
-            raise StoreError(
-                f"OMERO login as {user!r} at {host}:{port} failed: check OMERO_USER, "
-                "OMERO_PASSWORD and that the server is reachable"
-            )
-        return cls._ready(conn, close_session=True)
+        client = _open_session(host, port, ca_file, lambda c: c.createSession(user, password))
+        return cls._ready(blitz(client_obj=client), secure, close_session=True)
 
     @classmethod
-    def _ready(cls, conn: Any, close_session: bool) -> OmeroStore:
-        conn.SERVICE_OPTS.setOmeroGroup("-1")  # see the images of every group we belong to
+    def _ready(cls, conn: Any, secure: bool, close_session: bool) -> OmeroStore:
+        if not secure:
+            conn.setSecure(False)  # omero-py: createClient(secure=False) on the same session
+        conn.SERVICE_OPTS.setOmeroGroup(ALL_GROUPS)  # reads: every group we belong to
         conn.c.enableKeepAlive(60)
         return cls(conn, close_session=close_session)
 
@@ -180,9 +217,12 @@ class OmeroStore:
         self.close()
 
     def close(self) -> None:
-        """Close the connection; a joined session stays alive for its owner to close."""
+        """Close pixel stores and the connection; a joined session stays for its owner."""
         if self.conn is None:
             return
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
         try:
             self.conn.close(hard=self._close_session)
         finally:
@@ -201,11 +241,9 @@ class OmeroStore:
             )
         return img
 
-    def _info(self, img: Any) -> ImageInfo:
-        px = img.getPixelSizeX()
-        py = img.getPixelSizeY()
+    def _describe(self, img: Any, levels: int | None) -> _Image:
         ptype = img.getPixelsType()
-        return ImageInfo(
+        info = ImageInfo(
             image_id=int(img.getId()),
             name=img.getName() or "",
             size_x=int(img.getSizeX()),
@@ -213,152 +251,142 @@ class OmeroStore:
             size_c=int(img.getSizeC()),
             dtype=PIXEL_TYPES.get(ptype, ptype),
             channel_names=tuple(str(n) for n in img.getChannelLabels()),
-            pixel_size_um=(float(px), float(py if py is not None else px)) if px else None,
-            levels=self._level_count(img),
+            pixel_size_um=pixel_size_um(img),
+            levels=1 if levels is None else levels,
         )
+        return _Image(info, int(img.getDetails().getGroup().getId()), int(img.getPixelsId()))
 
-    def _raw_store(self, img: Any) -> Any:
-        rps = self.conn.c.sf.createRawPixelsStore()
-        rps.setPixelsId(img.getPixelsId(), True, self.conn.SERVICE_OPTS)
-        return rps
+    def _reader(self, image: _Image) -> TileReader:
+        iid = image.info.image_id
+        if iid not in self._readers:
+            self._readers[iid] = TileReader(
+                self.conn.c.sf.createRawPixelsStore,
+                image.pixels_id,
+                iid,
+                ctx=self.conn.SERVICE_OPTS,
+            )
+        return self._readers[iid]
 
-    def _level_count(self, img: Any) -> int:
-        iid = int(img.getId())
-        if iid not in self._levels:
-            rps = self._raw_store(img)
-            try:
-                self._levels[iid] = int(rps.getResolutionLevels())
-            finally:
-                rps.close()
-        return self._levels[iid]
+    def _cached(self, image_id: int) -> _Image:
+        """Image info, group and pixels id (asked once per store and image)."""
+        if isinstance(image_id, int | np.integer) and not isinstance(image_id, bool):
+            cached = self._images.get(int(image_id))
+            if cached is not None:
+                return cached  # no server call: region reads come here thousands of times
+        img = self._image(image_id)
+        described = self._describe(img, None)
+        levels = self._reader(described).count_levels()
+        described = replace(described, info=replace(described.info, levels=levels))
+        self._images[int(image_id)] = described
+        return described
 
     def list_images(self) -> list[ImageInfo]:
-        """Every image this session can see, by id (one query plus one per image)."""
-        return sorted(
-            (self._info(i) for i in self.conn.getObjects("Image")), key=lambda i: i.image_id
-        )
+        """Every image this session can see, by id.
+
+        Pyramid levels are asked from the server only for images larger than its max plane
+        (``ImageWrapper.requiresPixelsPyramid``, omero-py; one config call for all); smaller
+        images have one level. :meth:`get_image` always asks.
+        """
+        out = []
+        for img in self.conn.getObjects("Image"):
+            image = self._describe(img, None)
+            if img.requiresPixelsPyramid():
+                # still building: listed with levels=1; reading it says "retry later"
+                with contextlib.suppress(PyramidNotReady):
+                    image = self._cached(image.info.image_id)
+            out.append(image.info)
+        return sorted(out, key=lambda i: i.image_id)
 
     def get_image(self, image_id: int) -> ImageInfo:
         """Metadata of one image."""
-        return self._info(self._image(image_id))
+        return self._cached(image_id).info
 
     def read_region(
         self, image_id: int, channel: int, y0: int, y1: int, x0: int, x1: int, level: int = 0
     ) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` of one channel at ``level``, clipped to the image."""
-        img = self._image(image_id)
-        info = self._info(img)
+        image = self._cached(image_id)
+        info = image.info
         info.check_channel(channel)
         if not 0 <= level < info.levels:
             raise StoreError(
                 f"image {image_id} has {info.levels} resolution levels; level={level} is out "
                 f"of range (use 0..{info.levels - 1})"
             )
-        dtype = np.dtype(info.dtype)
-        if level == 0:
-            sy, sx = info.size_y, info.size_x
-            rps = None
-            pixels = img.getPrimaryPixels()
-        else:
-            rps = self._raw_store(img)
-            rps.setResolutionLevel(info.levels - 1 - level)
-            # descriptions are listed largest first: index 0 = full size
-            desc = rps.getResolutionDescriptions()[level]
-            sy, sx = int(desc.sizeY), int(desc.sizeX)
+        reader = self._reader(image)
         try:
+            sy, sx = (info.size_y, info.size_x) if level == 0 else reader.level_size(level)
             y0, y1 = max(0, int(y0)), min(sy, int(y1))
             x0, x1 = max(0, int(x0)), min(sx, int(x1))
-            out = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), dtype=dtype)
-            for ty in range(y0, y1, MAX_TILE):
-                for tx in range(x0, x1, MAX_TILE):
-                    h, w = min(MAX_TILE, y1 - ty), min(MAX_TILE, x1 - tx)
-                    if rps is None:
-                        tile = pixels.getTile(0, channel, 0, (tx, ty, w, h))
-                    else:
-                        raw = rps.getTile(0, channel, 0, tx, ty, w, h)
-                        tile = np.frombuffer(raw, dtype=dtype.newbyteorder(">")).reshape(h, w)
-                    out[ty - y0 : ty - y0 + h, tx - x0 : tx - x0 + w] = tile
-            return out
-        finally:
-            if rps is not None:
-                rps.close()
+            return reader.read(channel, y0, y1, x0, x1, level, numpy_dtype_of(info.dtype))
+        except Exception as exc:  # noqa: BLE001 - the pyramid may be missing on any call
+            if is_missing_pyramid(exc):
+                raise pyramid_not_ready(int(image_id), exc) from None
+            raise
 
     # ROIs ------------------------------------------------------------------
-    def _find_rois(self, image_id: int) -> list[Any]:
-        self._image(image_id)
-        result = self.conn.getRoiService().findByImage(int(image_id), None, self.conn.SERVICE_OPTS)
-        return list(result.rois)
+    def _roi_ids(self, image_id: int, namespace: str | None) -> list[int]:
+        """Ids of the image's ROIs (of one namespace), by query: no shapes are loaded."""
+        from omero.rtypes import rstring
+        from omero.sys import ParametersI
 
-    @staticmethod
-    def _shape_from_omero(s: Any) -> Shape | None:
-        from omero.model import EllipseI, PointI, PolygonI
+        query = self.conn.getQueryService()
+        ids: list[int] = []
+        while True:
+            params = ParametersI().add("iid", _rlong(image_id)).page(len(ids), ROI_PAGE)
+            ns = ""
+            if namespace is not None:
+                params.add("desc", rstring(NS_PREFIX + namespace))
+                ns = " and r.description = :desc"
+            rows = query.projection(_ROI_IDS.format(ns=ns), params, self.conn.SERVICE_OPTS)
+            ids.extend(int(_val(row[0])) for row in rows)
+            if len(rows) < ROI_PAGE:
+                return ids
 
-        text = _val(s.getTextValue()) or ""
-        if isinstance(s, PolygonI):
-            return PolygonShape(parse_points(_val(s.getPoints())), text)
-        if isinstance(s, PointI):
-            return PointShape(float(_val(s.getX())), float(_val(s.getY())), text)
-        if isinstance(s, EllipseI):
-            return EllipseShape(
-                float(_val(s.getX())),
-                float(_val(s.getY())),
-                float(_val(s.getRadiusX())),
-                float(_val(s.getRadiusY())),
-                text,
-            )
-        return None  # lines, rectangles, masks...: not used by the workflow
+    def _rois_page(self, ids: Sequence[int]) -> Iterator[Any]:
+        from omero.sys import ParametersI
 
-    @staticmethod
-    def _shape_to_omero(shape: Shape) -> Any:
-        from omero.model import EllipseI, PointI, PolygonI
-        from omero.rtypes import rdouble, rstring
-
-        if isinstance(shape, PolygonShape):
-            if len(shape.points) < 3:
-                raise StoreError(f"a polygon needs at least 3 points, got {len(shape.points)}")
-            s = PolygonI()
-            s.setPoints(rstring(format_points(shape.points)))
-        elif isinstance(shape, PointShape):
-            s = PointI()
-            s.setX(rdouble(shape.x))
-            s.setY(rdouble(shape.y))
-        elif isinstance(shape, EllipseShape):
-            s = EllipseI()
-            s.setX(rdouble(shape.x))
-            s.setY(rdouble(shape.y))
-            s.setRadiusX(rdouble(shape.radius_x))
-            s.setRadiusY(rdouble(shape.radius_y))
-        else:
-            raise StoreError(
-                f"unsupported shape {type(shape).__name__}; use PolygonShape, PointShape or "
-                "EllipseShape"
-            )
-        s.setTextValue(rstring(shape.text))
-        return s
+        params = ParametersI().addIds([int(i) for i in ids])
+        yield from self.conn.getQueryService().findAllByQuery(
+            _ROIS_WITH_SHAPES, params, self.conn.SERVICE_OPTS
+        )
 
     def get_rois(self, image_id: int, namespace: str | None = None) -> list[Roi]:
-        """ROIs of the image by id; with ``namespace``, only those written under it."""
+        """ROIs of the image by id, a page at a time; with ``namespace``, only those."""
+        self._cached(image_id)
         out = []
-        for r in self._find_rois(image_id):
-            ns = namespace_of(_val(r.getDescription()))
-            if namespace is not None and ns != namespace:
-                continue
-            shapes = tuple(
-                s for s in (self._shape_from_omero(x) for x in r.copyShapes()) if s is not None
-            )
-            out.append(Roi(int(_val(r.getId())), shapes, _val(r.getName()) or "", ns))
+        ids = self._roi_ids(image_id, namespace)
+        for start in range(0, len(ids), ROI_PAGE):
+            for r in self._rois_page(ids[start : start + ROI_PAGE]):
+                shapes, notes = [], []
+                for s in r.copyShapes():
+                    shape, note = shape_from_omero(s)
+                    if shape is not None:
+                        shapes.append(shape)
+                    elif note:
+                        notes.append(note)
+                out.append(
+                    Roi(
+                        int(_val(r.getId())),
+                        tuple(shapes),
+                        _val(r.getName()) or "",
+                        namespace_of(_val(r.getDescription())),
+                        tuple(notes),
+                    )
+                )
         return sorted(out, key=lambda r: r.roi_id)
 
     def write_rois(
         self, image_id: int, rois: Sequence[NewRoi], namespace: str, replace: bool = True
     ) -> list[int]:
-        """Save ROIs tagged with ``namespace``; ``replace`` deletes the namespace's old ones."""
+        """Save ROIs tagged with ``namespace`` (in the image's group); ``replace`` then
+        deletes the namespace's older ones."""
         from omero.model import ImageI, RoiI
         from omero.rtypes import rstring
 
         if not namespace:
             raise StoreError("write_rois needs a namespace, e.g. 'omeflow/nuclei'")
-        self._image(image_id)
+        image = self._cached(image_id)
         objs = []
         for roi in rois:
             if not roi.shapes:
@@ -368,25 +396,22 @@ class OmeroStore:
             r.setName(rstring(roi.name))
             r.setDescription(rstring(NS_PREFIX + namespace))
             for shape in roi.shapes:
-                r.addShape(self._shape_to_omero(shape))
+                r.addShape(shape_to_omero(shape))
             objs.append(r)
-        if replace:
-            old = [
-                int(_val(r.getId()))
-                for r in self._find_rois(image_id)
-                if namespace_of(_val(r.getDescription())) == namespace
-            ]
-            self._delete("Roi", old)
+        old = self._roi_ids(image_id, namespace) if replace else []
+        ctx = write_ctx(self.conn.SERVICE_OPTS, image.group_id)
         update = self.conn.getUpdateService()
         ids: list[int] = []
         for i in range(0, len(objs), SAVE_BATCH):
-            saved = update.saveAndReturnArray(objs[i : i + SAVE_BATCH], self.conn.SERVICE_OPTS)
+            saved = update.saveAndReturnArray(objs[i : i + SAVE_BATCH], ctx)
             ids.extend(int(_val(r.getId())) for r in saved)
+        self._delete("Roi", old, image.group_id)
         return ids
 
-    def _delete(self, kind: str, ids: list[int]) -> None:
+    def _delete(self, kind: str, ids: Sequence[int], group_id: int) -> None:
         if ids:
-            self.conn.deleteObjects(kind, ids, wait=True)
+            ctx = write_ctx(self.conn.SERVICE_OPTS, group_id)
+            delete_objects(lambda req: self.conn.c.sf.submit(req, ctx), kind, ids)
 
     # map annotations -------------------------------------------------------
     def _annotations(self, image_id: int, namespace: str | None, wrapper: type) -> Iterator[Any]:
@@ -414,15 +439,20 @@ class OmeroStore:
 
         if not namespace:
             raise StoreError("write_map_annotation needs a namespace, e.g. 'omeflow/ecdf'")
+        image = self._cached(image_id)
         img = self._image(image_id)
-        if replace:
-            old = [a.getId() for a in self._annotations(image_id, namespace, MapAnnotationWrapper)]
-            self._delete("Annotation", old)
+        old = (
+            [a.getId() for a in self._annotations(image_id, namespace, MapAnnotationWrapper)]
+            if replace
+            else []
+        )
         ann = MapAnnotationWrapper(self.conn)
         ann.setNs(namespace)
         ann.setValue([[str(k), str(v)] for k, v in values.items()])
-        ann.save()
-        img.linkAnnotation(ann)
+        with in_group(self.conn, image.group_id):
+            ann.save()
+            img.linkAnnotation(ann)
+        self._delete("Annotation", old, image.group_id)
 
     # attachments -----------------------------------------------------------
     def attach_file(
@@ -441,21 +471,28 @@ class OmeroStore:
         fname = name or src.name
         if "/" in fname or fname in {"", ".", ".."}:
             raise StoreError(f"attachment name {fname!r} is not a plain file name")
+        image = self._cached(image_id)
         img = self._image(image_id)
-        if replace:
-            old = [
+        old = (
+            [
                 a.getId()
                 for a in self._annotations(image_id, namespace, FileAnnotationWrapper)
                 if a.getFile().getName() == fname
             ]
-            self._delete("Annotation", old)
-        with tempfile.TemporaryDirectory() as tmp:
-            upload = src
-            if fname != src.name:  # OMERO names the OriginalFile after the local file
-                upload = Path(tmp) / fname
-                shutil.copyfile(src, upload)
-            ann = self.conn.createFileAnnfromLocalFile(str(upload), mimetype=mimetype, ns=namespace)
-        img.linkAnnotation(ann)
+            if replace
+            else []
+        )
+        with in_group(self.conn, image.group_id):
+            # origFilePathAndName names the OriginalFile; the bytes come from src itself
+            # (omero-py createOriginalFileFromLocalFile: os.path.split(origFilePathAndName))
+            ann = self.conn.createFileAnnfromLocalFile(
+                str(src),
+                origFilePathAndName=str(src.with_name(fname)),
+                mimetype=mimetype,
+                ns=namespace,
+            )
+            img.linkAnnotation(ann)
+        self._delete("Annotation", old, image.group_id)
         return int(ann.getId())
 
     def list_attachments(self, image_id: int, namespace: str | None = None) -> list[Attachment]:
@@ -494,35 +531,67 @@ class OmeroStore:
         pixels: np.ndarray,
         channel_names: Sequence[str],
         pixel_size_um: tuple[float, float] | None = None,
+        group_id: int | None = None,
     ) -> int:
-        """Create a small image from a ``(c, y, x)`` array (createImageFromNumpySeq)."""
+        """Create a small image from a ``(c, y, x)`` array (createImageFromNumpySeq), in
+        ``group_id`` (default: the session's current group)."""
         from omero.model import LengthI
         from omero.model.enums import UnitsLength
         from omero.rtypes import rstring
 
+        gid = int(self.conn.getEventContext().groupId) if group_id is None else int(group_id)
         arr = np.asarray(pixels)
         planes = (arr[c] for c in range(arr.shape[0]))
-        img = self.conn.createImageFromNumpySeq(planes, name, sizeZ=1, sizeC=arr.shape[0], sizeT=1)
+        with in_group(self.conn, gid):
+            img = self.conn.createImageFromNumpySeq(
+                planes, name, sizeZ=1, sizeC=arr.shape[0], sizeT=1
+            )
+        ctx = write_ctx(self.conn.SERVICE_OPTS, gid)
         update = self.conn.getUpdateService()
         for ch, label in zip(img.getChannels(), channel_names, strict=False):
             lc = ch.getLogicalChannel()._obj
             lc.setName(rstring(label))
-            update.saveObject(lc, self.conn.SERVICE_OPTS)
+            update.saveObject(lc, ctx)
         if pixel_size_um:
-            px = self.conn.getQueryService().get(
-                "Pixels", img.getPixelsId(), self.conn.SERVICE_OPTS
-            )
+            px = self.conn.getQueryService().get("Pixels", img.getPixelsId(), ctx)
             px.setPhysicalSizeX(LengthI(float(pixel_size_um[0]), UnitsLength.MICROMETER))
             px.setPhysicalSizeY(LengthI(float(pixel_size_um[1]), UnitsLength.MICROMETER))
-            update.saveObject(px, self.conn.SERVICE_OPTS)
+            update.saveObject(px, ctx)
         return int(img.getId())
 
     def delete_image(self, image_id: int) -> None:
         """Delete an image with its ROIs and annotations (tests clean up after themselves)."""
-        self.conn.deleteObjects(
-            "Image", [int(image_id)], deleteAnns=True, deleteChildren=True, wait=True
-        )
-        self._levels.pop(int(image_id), None)
+        image = self._cached(image_id)
+        reader = self._readers.pop(int(image_id), None)
+        if reader is not None:
+            reader.close()
+        with in_group(self.conn, image.group_id):
+            handle = self.conn.deleteObjects(
+                "Image", [int(image_id)], deleteAnns=True, deleteChildren=True
+            )
+        rsp = wait_for(handle, f"the delete of image {image_id}")  # timeout: handle stays open
+        handle.close()
+        if any(c.__name__ == "ERR" for c in type(rsp).__mro__):
+            raise StoreError(f"OMERO refused to delete image {image_id}: {rsp}")
+        self._images.pop(int(image_id), None)
 
 
-__all__ = ["OmeroStore", "format_points", "parse_points", "namespace_of", "INSTALL_HINT"]
+def numpy_dtype_of(name: str) -> np.dtype:
+    """numpy dtype for an :class:`ImageInfo` dtype name (OMERO names are mapped already)."""
+    return np.dtype(name) if name in PIXEL_TYPES.values() else numpy_dtype(name)
+
+
+def _rlong(value: int) -> Any:
+    from omero.rtypes import rlong
+
+    return rlong(int(value))
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "OmeroStore",
+    "PyramidNotReady",
+    "format_points",
+    "namespace_of",
+    "parse_points",
+]

@@ -28,7 +28,7 @@ BOOTSTRAP_MODEL_NAME = "omeflow_nuclei_synth_v1"
 DEFAULT_NAMES: tuple[str, ...] = ("nucleitorch_0", "nuclei")
 FIX_HINT = "run `omeflow bootstrap-model` or set [models] cellpose in site.toml"
 
-_LOADED: dict[str, Any] = {}
+_LOADED: dict[tuple[str, str | None], Any] = {}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -124,16 +124,21 @@ def eval_accepts_channels(eval_fn: Callable[..., Any]) -> bool:
     return "channels" in inspect.signature(eval_fn).parameters
 
 
-def load_model(path: str | Path) -> Any:
-    """A ``CellposeModel`` for ``path`` on the CPU, loaded once per process and cached."""
-    key = str(Path(path).resolve())
+def load_model(path: str | Path, sha256: str | None = None) -> Any:
+    """A ``CellposeModel`` for ``path`` on the CPU, loaded once per process and cached.
+
+    ``sha256`` (the file's content hash, when the caller has it) is part of the cache key, so
+    weights retrained in place are loaded anew rather than served from the cache.
+    """
+    file = str(Path(path).resolve())
+    key = (file, sha256)
     if key not in _LOADED:
-        if not Path(key).is_file():
-            raise ModelNotFoundError(f"Cellpose model {key} does not exist; {FIX_HINT}")
+        if not Path(file).is_file():
+            raise ModelNotFoundError(f"Cellpose model {file} does not exist; {FIX_HINT}")
         from cellpose import models
 
         kwargs = _accepted(
-            models.CellposeModel.__init__, {"gpu": False, "pretrained_model": key, "nchan": 2}
+            models.CellposeModel.__init__, {"gpu": False, "pretrained_model": file, "nchan": 2}
         )
         _LOADED[key] = models.CellposeModel(**kwargs)
     return _LOADED[key]

@@ -43,6 +43,9 @@ class TileJob:
     tiles_dir: str
     model_path: str
     shape: tuple[int, int, int]  # c, y, x
+    #: sha256 of the model file's bytes (``fsutil.file_sha256``), computed once per job by the
+    #: caller: tile results are keyed on the weights' content, not on their path or size.
+    model_sha256: str
     dapi_channel: int = 0
     diameter: float = 20.0
     flow_threshold: float = 0.4
@@ -63,13 +66,10 @@ class TileJob:
         return max(self.halo, self.window // 2 + self.claim_margin + 1)
 
     def config_key(self) -> str:
-        """Hash of every setting that changes a tile's result."""
-        model = Path(self.model_path)
-        size = model.stat().st_size if model.is_file() else -1
+        """Hash of every setting that changes a tile's result (the model by its content)."""
         d = asdict(self)
-        d.pop("tiles_dir")
-        d.pop("batch_size")
-        d["model_size"] = size
+        for name in ("tiles_dir", "batch_size", "model_path"):
+            d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -133,7 +133,7 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def init_worker(model_path: str, threads: int) -> None:
+def init_worker(model_path: str, threads: int, model_sha256: str | None = None) -> None:
     """Pool initializer: pin threads, load the model once, remember how long that took."""
     import logging
 
@@ -142,7 +142,8 @@ def init_worker(model_path: str, threads: int) -> None:
     set_threads(threads)
     from hpc_jobs.segmentation.model import load_model
 
-    _STATE["model"] = load_model(model_path)
+    _STATE["model"] = load_model(model_path, model_sha256)
+    _STATE["model_id"] = (model_path, model_sha256)
     _STATE["load_seconds"] = time.perf_counter() - t0
     _STATE["load_reported"] = False
 
@@ -207,9 +208,8 @@ def run_tiles(job: TileJob, tiles: list[Tile], processes: int, cpus: int,
     threads = max(1, cpus // processes)
     log(f"segment: {len(tiles)} tiles on {processes} process(es) x {threads} thread(s)")
     if processes == 1:
-        if _STATE.get("model_path") != job.model_path:
-            init_worker(job.model_path, threads)
-            _STATE["model_path"] = job.model_path
+        if _STATE.get("model_id") != (job.model_path, job.model_sha256):
+            init_worker(job.model_path, threads, job.model_sha256)
         else:
             set_threads(threads)
         for t in tiles:
@@ -221,7 +221,7 @@ def run_tiles(job: TileJob, tiles: list[Tile], processes: int, cpus: int,
         os.environ[var] = str(threads)
     try:
         with ctx.Pool(processes, initializer=init_worker,
-                      initargs=(job.model_path, threads)) as pool:
+                      initargs=(job.model_path, threads, job.model_sha256)) as pool:
             yield from pool.imap_unordered(_run_one, [(job, t) for t in tiles], chunksize=1)
     finally:
         for var, value in saved.items():

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import time
 from math import ceil
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from hpc_jobs.steps.base import StepContext, StepParams
 from hpc_jobs.steps.fields import BlockSize, DapiChannel, ImageId
+
+if TYPE_CHECKING:
+    from hpc_jobs.segmentation.run_tiles import TileJob
 
 
 class Params(StepParams):
@@ -53,18 +57,74 @@ class Params(StepParams):
 
 
 def run(params: Params, ctx: StepContext) -> dict[str, Any]:
-    """Segment the image (or this array task's share of it); return a small summary."""
-    from hpc_jobs import ngff
+    """Segment the image (or this array task's share of it); return a small summary.
+
+    The tiles phase reads the image: it holds the image's lock shared (with other readers,
+    also other runs' tiles). The merge phase rewrites the labels and the nuclei table: it
+    holds the lock exclusive (so the tasks of a merge array take their turns).
+    """
+    from hpc_jobs.fsutil import file_sha256
     from hpc_jobs.segmentation.merge import merge
     from hpc_jobs.segmentation.model import resolve_model_path
-    from hpc_jobs.segmentation.run_tiles import TileJob, pending_tiles, run_tiles
-    from hpc_jobs.segmentation.tiling import check_alignment
+    from hpc_jobs.segmentation.run_tiles import pending_tiles, run_tiles
 
     t0 = time.perf_counter()
+    task_id, task_count = ctx.array_task_id or 0, ctx.array_task_count or 1
+    if params.phase == "all" and task_count > 1:
+        raise ValueError("phase='all' cannot run as a job array; submit the array with "
+                         "phase='tiles', then phase='merge'")
+    model_path = resolve_model_path(params.model, ctx.site.models.cellpose)
+    model_sha256 = file_sha256(model_path)  # once per job: tiles are keyed on the weights
+    summary: dict[str, Any] = {
+        "image_id": params.image_id, "phase": params.phase, "array_task": task_id,
+        "array_tasks": task_count, "model_path": str(model_path),
+        "model_sha256": model_sha256,
+    }
+    if params.phase in ("all", "tiles"):
+        with ctx.lock_image(params.image_id, exclusive=False, purpose="segment_nuclei tiles"):
+            job, image = _tile_job(params, ctx, model_path, model_sha256, summary)
+            grid = job.grid
+            todo, done = pending_tiles(job, grid.for_task(task_id, task_count))
+            ctx.log(f"segment_nuclei: image {params.image_id} {image['shape']}, {len(grid)} "
+                    f"tiles of {params.block_size}px (+{params.halo} halo); task "
+                    f"{task_id}/{task_count}: {len(todo)} to do, {len(done)} already done; "
+                    f"model {model_path} (sha256 {model_sha256[:12]})")
+            totals = {"model_load_s": 0.0, "read_s": 0.0, "segment_s": 0.0, "post_s": 0.0,
+                      "write_s": 0.0}
+            processes = params.processes or ctx.cpus
+            for i, res in enumerate(run_tiles(job, todo, processes, ctx.cpus, ctx.log), 1):
+                for k in totals:
+                    totals[k] += float(res.get(k, 0.0))
+                ctx.log(f"segment_nuclei: tile {res['tile']} ({i}/{len(todo)}): "
+                        f"{res['owned']} nuclei, segment {res['segment_s']:.1f}s")
+            summary.update({"tiles": len(todo) + len(done), "tiles_skipped": len(done),
+                            **{k: round(v, 3) for k, v in totals.items()}})
+    if params.phase in ("all", "merge"):
+        with ctx.lock_image(params.image_id, exclusive=True, purpose="segment_nuclei merge"):
+            job, image = _tile_job(params, ctx, model_path, model_sha256, summary)
+            meta = {"image_id": str(params.image_id), "channels": str(job.shape[0]),
+                    "dapi_channel": str(params.dapi_channel), "window": str(params.window),
+                    "diameter": str(params.diameter), "model": str(model_path),
+                    "model_sha256": model_sha256, "block_size": str(params.block_size),
+                    "halo": str(params.halo)}
+            summary.update(merge(job, image["zarr"], image["dir"] / "nuclei.parquet", task_id,
+                                 task_count, image["chunks"], image["shards"], meta, ctx.log))
+        summary.setdefault("tiles", summary["tiles_total"])
+        summary.setdefault("tiles_skipped", 0)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def _tile_job(params: Params, ctx: StepContext, model_path: Path, model_sha256: str,
+              summary: dict[str, Any]) -> tuple[TileJob, dict[str, Any]]:
+    """Open the exported image (call with its lock held) and describe the tiling job."""
+    from hpc_jobs import ngff
+    from hpc_jobs.segmentation.run_tiles import TileJob
+    from hpc_jobs.segmentation.tiling import check_alignment
+
     image_dir = ctx.image_dir(params.image_id)
     image_zarr = ngff.image_zarr_path(image_dir)
     arr = ngff.open_level(image_zarr, 0)  # names the fix (run export_zarr) if missing
-    level0 = image_zarr / arr.path
     n_channels = int(arr.shape[0])
     if params.dapi_channel >= n_channels:
         raise ValueError(f"image {params.image_id} has {n_channels} channel(s); "
@@ -73,49 +133,17 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     chunks = tuple(int(c) for c in arr.chunks[-2:])
     shards = tuple(int(s) for s in arr.shards[-2:]) if arr.shards else None
     check_alignment(params.block_size, shards or chunks)
-    model_path = resolve_model_path(params.model, ctx.site.models.cellpose)
-    task_id, task_count = ctx.array_task_id or 0, ctx.array_task_count or 1
-    if params.phase == "all" and task_count > 1:
-        raise ValueError("phase='all' cannot run as a job array; submit the array with "
-                         "phase='tiles', then phase='merge'")
     job = TileJob(
-        array_path=str(level0), tiles_dir=str(image_dir / "segmentation" / "tiles"),
-        model_path=str(model_path), shape=(n_channels, int(arr.shape[1]), int(arr.shape[2])),
+        array_path=str(image_zarr / arr.path), tiles_dir=str(image_dir / "segmentation" / "tiles"),
+        model_path=str(model_path), model_sha256=model_sha256,
+        shape=(n_channels, int(arr.shape[1]), int(arr.shape[2])),
         dapi_channel=params.dapi_channel, diameter=params.diameter,
         flow_threshold=params.flow_threshold, cellprob_threshold=params.cellprob_threshold,
         log_transform=params.log_transform, block=params.block_size, halo=params.halo,
         window=params.window,
     )
-    grid = job.grid
-    summary: dict[str, Any] = {
-        "image_id": params.image_id, "phase": params.phase, "array_task": task_id,
-        "array_tasks": task_count, "tiles_total": len(grid), "model_path": str(model_path),
-        "labels_path": str(image_zarr / "labels" / "nuclei"),
-        "table_path": str(image_dir / "nuclei.parquet"),
-    }
-    if params.phase in ("all", "tiles"):
-        todo, done = pending_tiles(job, grid.for_task(task_id, task_count))
-        ctx.log(f"segment_nuclei: image {params.image_id} {arr.shape}, {len(grid)} tiles of "
-                f"{params.block_size}px (+{params.halo} halo); task {task_id}/{task_count}: "
-                f"{len(todo)} to do, {len(done)} already done; model {model_path}")
-        totals = {"model_load_s": 0.0, "read_s": 0.0, "segment_s": 0.0, "post_s": 0.0,
-                  "write_s": 0.0}
-        processes = params.processes or ctx.cpus
-        for i, res in enumerate(run_tiles(job, todo, processes, ctx.cpus, ctx.log), 1):
-            for k in totals:
-                totals[k] += float(res.get(k, 0.0))
-            ctx.log(f"segment_nuclei: tile {res['tile']} ({i}/{len(todo)}): {res['owned']} "
-                    f"nuclei, segment {res['segment_s']:.1f}s")
-        summary.update({"tiles": len(todo) + len(done), "tiles_skipped": len(done),
-                        **{k: round(v, 3) for k, v in totals.items()}})
-    if params.phase in ("all", "merge"):
-        meta = {"image_id": str(params.image_id), "channels": str(n_channels),
-                "dapi_channel": str(params.dapi_channel), "window": str(params.window),
-                "diameter": str(params.diameter), "model": str(model_path),
-                "block_size": str(params.block_size), "halo": str(params.halo)}
-        summary.update(merge(job, image_zarr, image_dir / "nuclei.parquet", task_id,
-                             task_count, chunks, shards, meta, ctx.log))
-        summary.setdefault("tiles", len(grid))
-        summary.setdefault("tiles_skipped", 0)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    return summary
+    summary.update({"tiles_total": len(job.grid),
+                    "labels_path": str(image_zarr / "labels" / "nuclei"),
+                    "table_path": str(image_dir / "nuclei.parquet")})
+    return job, {"dir": image_dir, "zarr": image_zarr, "shape": tuple(arr.shape),
+                 "chunks": chunks, "shards": shards}

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
+from hpc_jobs.fsutil import file_sha256
 from hpc_jobs.segmentation import model as seg_model
 from hpc_jobs.segmentation.merge import plan
-from hpc_jobs.segmentation.run_tiles import extract_nuclei
+from hpc_jobs.segmentation.run_tiles import TileJob, extract_nuclei, pending_tiles
 from hpc_jobs.segmentation.stats import window_stats
-from hpc_jobs.segmentation.tile_result import TileResult, load, save
+from hpc_jobs.segmentation.tile_result import TileResult, load, save, tile_path
 from hpc_jobs.segmentation.tiling import TileGrid, check_alignment
 
 
@@ -166,3 +169,38 @@ def test_merge_plan_removes_seam_duplicates_and_adopts_orphans(tmp_path: Path) -
     assert (mp.duplicates_removed, mp.orphans_adopted, len(mp)) == (1, 1, 4)
     assert mp.tile.tolist() == [0, 0, 0, 1]
     assert mp.local.tolist() == [1, 2, 3, 4]
+
+
+def test_cached_tiles_are_keyed_by_the_model_content_not_its_path_and_size(
+        tmp_path: Path) -> None:
+    model = tmp_path / "models" / "nuclei"
+    model.parent.mkdir()
+    model.write_bytes(bytes(range(256)) * 64)
+    stamp = model.stat()
+
+    def job_for_model_now() -> TileJob:  # what segment_nuclei builds at the start of a job
+        return TileJob(array_path=str(tmp_path / "image.zarr" / "0"),
+                       tiles_dir=str(tmp_path / "tiles"), model_path=str(model),
+                       model_sha256=file_sha256(model), shape=(2, 512, 512), block=256)
+
+    before = job_for_model_now()
+    tile = before.grid.tile(0)
+    finished = dataclasses.replace(_result(0, 1, _disk_labels(64, 64, [(32, 32)]), [1], [True]),
+                                   config_key=before.config_key())
+    (tmp_path / "tiles").mkdir()
+    save(finished, tile_path(tmp_path / "tiles", tile.ty, tile.tx))
+    assert pending_tiles(before, [tile]) == ([], [tile]), "same weights: the tile is reused"
+
+    # retrained in place: same path, same architecture (size), even the same mtime
+    model.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(model, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert model.stat().st_size == stamp.st_size
+    after = job_for_model_now()
+    assert after.config_key() != before.config_key()
+    assert pending_tiles(after, [tile]) == ([tile], []), "new weights: the tile is redone"
+
+    # the same weights under another path are the same model: the tile stays valid
+    copy = tmp_path / "models" / "copy"
+    copy.write_bytes(model.read_bytes())
+    moved = dataclasses.replace(after, model_path=str(copy))
+    assert moved.config_key() == after.config_key()

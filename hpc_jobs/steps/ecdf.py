@@ -56,20 +56,22 @@ def _write_table(df: Any, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from hpc_jobs.fsutil import atomic_write
+
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"omeflow.schema"] = SCHEMA.encode()
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    tmp.replace(path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    atomic_write(path, buf.getvalue().to_pybytes(), mode=0o644)
 
 
 def _write_json(obj: Any, path: Path) -> None:
     import json
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    from hpc_jobs.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=1, allow_nan=False) + "\n", mode=0o644)
 
 
 def build_outputs(
@@ -154,11 +156,15 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     import numpy as np
 
     from hpc_jobs import ecdf_core, ngff
+    from hpc_jobs.fsutil import file_lock
 
     t0 = time.perf_counter()
     image_dir = ctx.image_dir(params.image_id)
     path = ngff.image_zarr_path(image_dir)
-    with closing(ctx.open_store()) as store:
+    # a reader of the image's Zarr: shared with other readers, never during a re-export
+    with ctx.lock_image(params.image_id, exclusive=False, purpose="ecdf"), closing(
+        ctx.open_store()
+    ) as store:
         info = store.get_image(params.image_id)
         channels = list(range(info.size_c)) if params.channels is None else params.channels
         if not channels:
@@ -216,44 +222,49 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         )
         out_dir = image_dir / "ecdf"
         out_dir.mkdir(exist_ok=True)
-        files = {
-            "histograms": out_dir / "histograms.parquet",
-            "ecdf": out_dir / "ecdf.parquet",
-            "quantiles": out_dir / "quantiles.parquet",
-            "summary": out_dir / "summary.json",
-        }
-        _write_table(histograms, files["histograms"])
-        _write_table(full, files["ecdf"])
-        _write_table(quantiles, files["quantiles"])
-        _write_json(
-            {
-                "schema": SCHEMA,
-                "image_id": params.image_id,
-                "level": params.level,
-                "dtype": str(arr.dtype),
-                "pixel_rule": "pixel (row r, col c) is in a region iff its centre "
-                "(x, y) = (c + 0.5, r + 0.5) is inside the union of the ROI's tissue_ shapes "
-                "(shapely.contains_xy) and in no hole_ shape (not shapely.intersects_xy)",
-                "quantile_rule": "smallest value v with F(v) >= q (inverted_cdf)",
-                "rois": records,
-            },
-            files["summary"],
-        )
-        for rec in records:
-            for note in rec["notes"]:
-                ctx.log(f"ROI {rec['roi_id']} {rec['roi']!r}: {note}")
-        attachments: dict[str, int] = {}
-        if params.attach:
-            for key, fpath in files.items():
-                mimetype = "application/json" if fpath.suffix == ".json" else (
-                    "application/vnd.apache.parquet"
-                )
-                attachments[key] = store.attach_file(
-                    params.image_id, fpath, namespace=NAMESPACE, mimetype=mimetype, replace=True
-                )
-            store.write_map_annotation(
-                params.image_id, NAMESPACE, annotation_values(records, params.level), replace=True
+        # another run computing this image's eCDF now: write the four files as one set
+        with file_lock(out_dir / ".write-lock"):
+            files = {
+                "histograms": out_dir / "histograms.parquet",
+                "ecdf": out_dir / "ecdf.parquet",
+                "quantiles": out_dir / "quantiles.parquet",
+                "summary": out_dir / "summary.json",
+            }
+            _write_table(histograms, files["histograms"])
+            _write_table(full, files["ecdf"])
+            _write_table(quantiles, files["quantiles"])
+            _write_json(
+                {
+                    "schema": SCHEMA,
+                    "image_id": params.image_id,
+                    "level": params.level,
+                    "dtype": str(arr.dtype),
+                    "pixel_rule": "pixel (row r, col c) is in a region iff its centre "
+                    "(x, y) = (c + 0.5, r + 0.5) is inside the union of the ROI's tissue_ "
+                    "shapes (shapely.contains_xy) and in no hole_ shape "
+                    "(not shapely.intersects_xy)",
+                    "quantile_rule": "smallest value v with F(v) >= q (inverted_cdf)",
+                    "rois": records,
+                },
+                files["summary"],
             )
+            for rec in records:
+                for note in rec["notes"]:
+                    ctx.log(f"ROI {rec['roi_id']} {rec['roi']!r}: {note}")
+            attachments: dict[str, int] = {}
+            if params.attach:
+                for key, fpath in files.items():
+                    mimetype = "application/json" if fpath.suffix == ".json" else (
+                        "application/vnd.apache.parquet"
+                    )
+                    attachments[key] = store.attach_file(
+                        params.image_id, fpath, namespace=NAMESPACE, mimetype=mimetype,
+                        replace=True,
+                    )
+                store.write_map_annotation(
+                    params.image_id, NAMESPACE, annotation_values(records, params.level),
+                    replace=True,
+                )
     seconds = time.perf_counter() - t0
     pixels = int(hists[:, 0].sum())
     summary = {

@@ -292,84 +292,116 @@ def run_blocks(
 
 
 def run(params: Params, ctx: StepContext) -> dict[str, Any]:
-    """Export (or resume exporting) one image; returns a summary of what was written."""
+    """Export (or resume exporting) one image; returns a summary of what was written.
+
+    Writing holds the image's lock exclusive (no reader sees a half-rewritten Zarr). A complete
+    export that matches and is not to be overwritten writes nothing: that check holds the
+    lock only shared, so re-running a DAG on an image another run is reading does not wait.
+    """
+    from hpc_jobs import ngff
+
+    path = ngff.image_zarr_path(ctx.image_dir(params.image_id))
+    stores = ThreadStores(ctx.open_store)
+    try:
+        info = stores.get().get_image(params.image_id)
+        exclusive = False
+        while True:
+            with ctx.lock_image(params.image_id, exclusive=exclusive, purpose="export_zarr"):
+                if exclusive or not _writes(path, info, params):
+                    return _export(params, ctx, stores, info, path)
+            exclusive = True  # something to write: drop the shared lock, take it exclusive
+    finally:
+        stores.close()
+
+
+def _writes(path: Path, info: ImageInfo, params: Params) -> bool:
+    """Whether an export of ``info`` to ``path`` would write (False: complete and matching,
+    or refused because it does not match and ``overwrite`` is off)."""
+    from hpc_jobs import ngff
+
+    if params.overwrite or not path.exists():
+        return True
+    try:
+        complete = ngff.open_image(path).attrs.get("omeflow", {}).get("complete") is True
+    except (ngff.ZarrLayoutError, ValueError, FileNotFoundError):
+        return True
+    return not (complete and (path / ngff.PROGRESS_FILE).is_file())
+
+
+def _export(params: Params, ctx: StepContext, stores: ThreadStores, info: ImageInfo,
+            path: Path) -> dict[str, Any]:
+    """The export itself (call with the image's lock held)."""
     import numpy as np
 
     from hpc_jobs import ngff
 
     t0 = time.perf_counter()
-    path = ngff.image_zarr_path(ctx.image_dir(params.image_id))
     workers = params.workers or ctx.cpus
-    stores = ThreadStores(ctx.open_store)
-    try:
-        info = stores.get().get_image(params.image_id)
-        created = _prepare(path, info, params, ctx.log)
-        group = ngff.open_image(path, mode="r+")
-        arrays: list[zarr.Array] = [
-            group[d["path"]] for d in ngff.multiscale(group)["datasets"]  # type: ignore[misc]
-        ]
-        progress = ProgressLog(path / ngff.PROGRESS_FILE, _header(info, params))
-        done = set() if created else progress.load()
-        progress.start(reset=created)
-        dtype = np.dtype(info.dtype)
-        block = params.block_size
-        written = skipped = 0
-        nbytes = 0
-        ctx.log(
-            f"export image {info.image_id} ({info.name!r}) {info.size_c}x{info.size_y}x"
-            f"{info.size_x} {info.dtype} -> {path} ({len(arrays)} levels, {workers} workers)"
+    created = _prepare(path, info, params, ctx.log)
+    group = ngff.open_image(path, mode="r+")
+    arrays: list[zarr.Array] = [
+        group[d["path"]] for d in ngff.multiscale(group)["datasets"]  # type: ignore[misc]
+    ]
+    progress = ProgressLog(path / ngff.PROGRESS_FILE, _header(info, params))
+    done = set() if created else progress.load()
+    progress.start(reset=created)
+    dtype = np.dtype(info.dtype)
+    block = params.block_size
+    written = skipped = 0
+    nbytes = 0
+    ctx.log(
+        f"export image {info.image_id} ({info.name!r}) {info.size_c}x{info.size_y}x"
+        f"{info.size_x} {info.dtype} -> {path} ({len(arrays)} levels, {workers} workers)"
+    )
+
+    def write_level0(blk: tuple[int, int, int, int]) -> int:
+        y0, y1, x0, x1 = blk
+        store = stores.get()
+        data = np.empty((info.size_c, y1 - y0, x1 - x0), dtype=dtype)
+        for c in range(info.size_c):
+            tile = np.asarray(store.read_region(info.image_id, c, y0, y1, x0, x1, level=0))
+            if tile.shape != data.shape[1:] or tile.dtype != dtype:
+                raise ValueError(
+                    f"store returned {tile.shape} {tile.dtype} for channel {c} "
+                    f"[{y0}:{y1}, {x0}:{x1}] of image {info.image_id}; expected "
+                    f"{data.shape[1:]} {dtype} (the store's metadata and pixels disagree)"
+                )
+            data[c] = tile
+        arrays[0][:, y0:y1, x0:x1] = data
+        _fsync_block(path / "0", info.size_c, blk, block)
+        return data.nbytes
+
+    def make_pyramid_task(level: int) -> Callable[[tuple[int, int, int, int]], int]:
+        src, dst = arrays[level - 1], arrays[level]
+
+        def task(blk: tuple[int, int, int, int]) -> int:
+            sy0, sy1, sx0, sx1 = ngff.source_region(blk, tuple(src.shape[1:]))
+            out = ngff.downsample_mean(np.asarray(src[:, sy0:sy1, sx0:sx1]))
+            dst[:, blk[0] : blk[1], blk[2] : blk[3]] = out
+            _fsync_block(path / str(level), info.size_c, blk, block)
+            return out.nbytes
+
+        return task
+
+    for level, arr in enumerate(arrays):
+        all_blocks = ngff.blocks(tuple(arr.shape[1:]), block)
+        todo = [b for b in all_blocks if (level, *b) not in done]
+        skipped += len(all_blocks) - len(todo)
+        if not todo:
+            continue
+        t_level = time.perf_counter()
+        task = write_level0 if level == 0 else make_pyramid_task(level)
+        nbytes += run_blocks(
+            todo, task, lambda b, lv=level: progress.mark(lv, b), workers  # type: ignore[misc]
         )
-
-        def write_level0(blk: tuple[int, int, int, int]) -> int:
-            y0, y1, x0, x1 = blk
-            store = stores.get()
-            data = np.empty((info.size_c, y1 - y0, x1 - x0), dtype=dtype)
-            for c in range(info.size_c):
-                tile = np.asarray(store.read_region(info.image_id, c, y0, y1, x0, x1, level=0))
-                if tile.shape != data.shape[1:] or tile.dtype != dtype:
-                    raise ValueError(
-                        f"store returned {tile.shape} {tile.dtype} for channel {c} "
-                        f"[{y0}:{y1}, {x0}:{x1}] of image {info.image_id}; expected "
-                        f"{data.shape[1:]} {dtype} (the store's metadata and pixels disagree)"
-                    )
-                data[c] = tile
-            arrays[0][:, y0:y1, x0:x1] = data
-            _fsync_block(path / "0", info.size_c, blk, block)
-            return data.nbytes
-
-        def make_pyramid_task(level: int) -> Callable[[tuple[int, int, int, int]], int]:
-            src, dst = arrays[level - 1], arrays[level]
-
-            def task(blk: tuple[int, int, int, int]) -> int:
-                sy0, sy1, sx0, sx1 = ngff.source_region(blk, tuple(src.shape[1:]))
-                out = ngff.downsample_mean(np.asarray(src[:, sy0:sy1, sx0:sx1]))
-                dst[:, blk[0] : blk[1], blk[2] : blk[3]] = out
-                _fsync_block(path / str(level), info.size_c, blk, block)
-                return out.nbytes
-
-            return task
-
-        for level, arr in enumerate(arrays):
-            all_blocks = ngff.blocks(tuple(arr.shape[1:]), block)
-            todo = [b for b in all_blocks if (level, *b) not in done]
-            skipped += len(all_blocks) - len(todo)
-            if not todo:
-                continue
-            t_level = time.perf_counter()
-            task = write_level0 if level == 0 else make_pyramid_task(level)
-            nbytes += run_blocks(
-                todo, task, lambda b, lv=level: progress.mark(lv, b), workers  # type: ignore[misc]
-            )
-            written += len(todo)
-            ctx.log(
-                f"level {level} {tuple(arr.shape)}: {len(todo)} blocks written, "
-                f"{len(all_blocks) - len(todo)} skipped, {time.perf_counter() - t_level:.1f}s"
-            )
-        meta = dict(group.attrs.get("omeflow", {}))
-        if not meta.get("complete"):
-            group.attrs["omeflow"] = {**meta, "complete": True}
-    finally:
-        stores.close()
+        written += len(todo)
+        ctx.log(
+            f"level {level} {tuple(arr.shape)}: {len(todo)} blocks written, "
+            f"{len(all_blocks) - len(todo)} skipped, {time.perf_counter() - t_level:.1f}s"
+        )
+    meta = dict(group.attrs.get("omeflow", {}))
+    if not meta.get("complete"):
+        group.attrs["omeflow"] = {**meta, "complete": True}
 
     files = [p for p in path.rglob("*") if p.is_file()]
     seconds = time.perf_counter() - t0

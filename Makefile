@@ -1,8 +1,8 @@
-# omeflow: the two commands a fresh machine needs are `make demo` and `make test`.
+# omeflow: the commands a fresh machine needs are `make demo`, `make test` and `make ui`.
 PY ?= .venv/bin/python
 export AIRFLOW_HOME := $(CURDIR)
 
-.PHONY: setup demo test test-fast test-omero-lane lint bench-overhead hpc-sandbox hpc-sandbox-stop clean
+.PHONY: setup demo ui test test-fast test-omero-lane lint bench-overhead hpc-sandbox hpc-sandbox-stop clean
 
 # venv (torch CPU first), Airflow DB (SQLite under var/), Cellpose model (cached outside git)
 setup:
@@ -11,6 +11,12 @@ setup:
 # The main job, end to end on the embedded defaults: synthetic image -> celldetector_preprocess
 demo: setup
 	$(PY) scripts/demo.py
+
+# The Airflow UI on http://127.0.0.1:$(UI_PORT): api-server, scheduler, dag-processor and
+# triggerer sharing one JWT secret (var/ui_secrets.json); prints the login; Ctrl-C stops all.
+UI_PORT ?= 8080
+ui: setup
+	$(PY) scripts/ui.py --port $(UI_PORT)
 
 # Everything CI runs: lint, the HPC sandbox (Slurm + munge + sshd on 127.0.0.1), all tests.
 test: setup

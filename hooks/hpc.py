@@ -5,31 +5,54 @@ Two transports carry the same bytes:
 - **ssh** (a connection of type ``ssh``): one exec of the verb per call over an SSH
   connection from ``apache-airflow-providers-ssh`` (``SSHHook``; ``SSHHookAsync`` in triggers).
   The key's ``authorized_keys`` line forces ``omeflow-gateway``, so the "command" we send is
-  just the verb; the request body goes on stdin. Pin the cluster's host key with the
-  connection extra ``host_key`` (the hook refuses ``no_host_key_check``).
-- **local** (any other connection type, or no connection: the embedded default): runs
-  ``omeflow-gateway --config <site.toml>`` as a subprocess with ``SSH_ORIGINAL_COMMAND`` set,
-  exactly as sshd would.
+  just the verb; the request body goes on stdin. The cluster's host key must be pinned with
+  the extra ``host_key`` (``ssh-keyscan -t ed25519 HOST``); extras that weaken host key
+  checking are refused before any connection is made.
+- **local**: runs ``omeflow-gateway --config <site.toml>`` as a subprocess with
+  ``SSH_ORIGINAL_COMMAND`` set, exactly as sshd would. Only by explicit choice:
 
-Connection extras (both transports): ``config`` — site file for the local transport;
-``gateway`` — the gateway executable for the local transport (default: the one next to
-this Python).
+How the connection ``hpc_conn_id`` selects the transport:
+
+=========================================  =================================================
+connection                                 transport
+=========================================  =================================================
+type ``ssh`` with extra ``host_key``       ssh
+type ``ssh`` without ``host_key``, or      refused (:class:`HpcConfigError`), nothing is
+with ``no_host_key_check``,                connected
+``ignore_hostkey_verification``,
+``allow_host_key_change`` or
+``known_hosts: none``
+any type, extra ``{"transport": "local",   local, with that site file (``gateway``: the
+"config": "site.toml"}``                    gateway executable, default: next to this Python)
+any other non-ssh connection               refused
+``omeflow_hpc`` not found                  the embedded default (local, ``var/site.toml``)
+                                           only if ``[omeflow] hpc_transport = local``
+                                           (``AIRFLOW__OMEFLOW__HPC_TRANSPORT=local``);
+                                           refused otherwise
+any other lookup error                     refused (never a local fallback)
+=========================================  =================================================
+
+``submit`` and ``cancel`` are retried inside the same call on transport errors (bounded,
+with back-off): both are idempotent, so a lost reply never becomes a second job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ValidationError
 
 from hpc_jobs.protocol import (
@@ -45,7 +68,25 @@ from hpc_jobs.protocol import (
 )
 
 DEFAULT_CONN_ID = "omeflow_hpc"
+#: ``[omeflow] hpc_transport``: ``ssh`` (default: a connection is required) or ``local`` (a
+#: missing ``omeflow_hpc`` connection means the embedded default on this machine).
+TRANSPORT_SETTING = ("omeflow", "hpc_transport")
+#: Connection extras that turn host key checking off or let a changed key through.
+HOST_KEY_WEAKENERS = ("no_host_key_check", "ignore_hostkey_verification", "allow_host_key_change")
+#: Host key types a pinned ``host_key`` may have (what ``ssh-keyscan -t`` prints).
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+)
+#: Attempts of one idempotent call (submit, cancel) on transport errors, and the first delay.
+CALL_ATTEMPTS = 4
+RETRY_DELAY_S = 2.0
+MAX_RETRY_DELAY_S = 30.0
 R = TypeVar("R", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 class HpcGatewayError(Exception):
@@ -62,6 +103,10 @@ class HpcTransportError(Exception):
     """The gateway could not be reached or did not answer with JSON (worth a retry)."""
 
 
+class HpcConfigError(Exception):
+    """The gateway connection is missing or unsafe; the message names the fix (no retry)."""
+
+
 @dataclass(frozen=True)
 class _Raw:
     status: int
@@ -75,6 +120,15 @@ def gateway_env(verb: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env["SSH_ORIGINAL_COMMAND"] = verb
     return env
+
+
+def _local_argv(config: Path, gateway: str | None) -> list[str]:
+    """argv of a local gateway process: ``gateway`` (or ``omeflow-gateway`` next to this
+    Python, else ``python -m hpc_jobs.gateway``) with ``--config``."""
+    gateway = gateway or shutil.which("omeflow-gateway", path=str(Path(sys.executable).parent))
+    if gateway:
+        return [str(gateway), "--config", str(config)]
+    return [sys.executable, "-m", "hpc_jobs.gateway", "--config", str(config)]
 
 
 def embedded_site_config() -> Path:
@@ -96,13 +150,64 @@ def embedded_site_config() -> Path:
     return path
 
 
+def embedded_default_enabled() -> bool:
+    """True when ``[omeflow] hpc_transport = local``: a missing ``omeflow_hpc`` connection
+    then means the embedded default. Any other value than ``ssh`` / ``local`` is refused."""
+    from airflow.configuration import conf
+
+    section, key = TRANSPORT_SETTING
+    value = str(conf.get(section, key, fallback="ssh")).strip().lower()
+    if value not in ("ssh", "local"):
+        raise HpcConfigError(
+            f"[{section}] {key} = {value!r} is not a transport; set it to 'ssh' (a cluster "
+            f"through the connection {DEFAULT_CONN_ID!r}) or 'local' (the embedded default)"
+        )
+    return value == "local"
+
+
+def check_ssh_extras(conn_id: str, conn: Any) -> None:
+    """Refuse an ssh connection whose host key is not pinned or whose extras weaken host key
+    checking (the extras ``SSHHook`` and ``SSHHookAsync`` read). Raises :class:`HpcConfigError`."""
+    extra = conn.extra_dejson
+    host = conn.host or "HOST"
+    port = f"-p {conn.port} " if conn.port and int(conn.port) != 22 else ""
+    keyscan = f"ssh-keyscan -t ed25519 {port}{host}"
+    for name in HOST_KEY_WEAKENERS:
+        if name in extra and str(extra[name]).strip().lower() != "false":
+            raise HpcConfigError(
+                f"connection {conn_id!r} sets the extra {name}={extra[name]!r}, which weakens "
+                "host key checking; remove it and pin the cluster's key with the extra host_key "
+                f"(from `{keyscan}`)"
+            )
+    if "known_hosts" in extra and str(extra["known_hosts"]).strip().lower() in ("none", ""):
+        raise HpcConfigError(
+            f"connection {conn_id!r} sets the extra known_hosts={extra['known_hosts']!r}, which "
+            "turns host key checking off; remove it and pin the cluster's key with the extra "
+            f"host_key (from `{keyscan}`)"
+        )
+    host_key = str(extra.get("host_key") or "").split()
+    if not host_key:
+        raise HpcConfigError(
+            f"connection {conn_id!r} has no pinned host key; run `{keyscan}` on a trusted "
+            'network and set the extra host_key to its key part ("ssh-ed25519 AAAA...")'
+        )
+    if len(host_key) != 2 or host_key[0] not in HOST_KEY_TYPES:
+        raise HpcConfigError(
+            f"connection {conn_id!r}: the extra host_key must be 'TYPE BASE64' with TYPE one of "
+            f"{', '.join(HOST_KEY_TYPES)} (the output of `{keyscan}` without the host name)"
+        )
+
+
 class HpcGatewayHook(BaseHook):
     """Talks to ``omeflow-gateway`` on a cluster (SSH) or on this machine (subprocess).
 
-    :param hpc_conn_id: Airflow connection id. Type ``ssh``: SSH transport (host, port, login,
-        extras ``key_file``/``private_key`` and ``host_key``). Any other type: local transport
-        with extra ``config``. A missing ``omeflow_hpc`` connection means the embedded default.
+    :param hpc_conn_id: Airflow connection id (see the module docstring for how it selects
+        the transport). Type ``ssh``: host, port, login, extras ``key_file``/``private_key``
+        and ``host_key`` (required). Local: extras ``transport: local`` and ``config``.
     :param timeout: seconds one gateway call may take.
+    :param attempts: tries of an idempotent call (submit, cancel) on transport errors.
+    :param retry_delay: seconds before the second try; doubles per try, capped at
+        :data:`MAX_RETRY_DELAY_S`.
     """
 
     conn_name_attr = "hpc_conn_id"
@@ -110,10 +215,18 @@ class HpcGatewayHook(BaseHook):
     conn_type = "ssh"
     hook_name = "omeflow HPC gateway"
 
-    def __init__(self, hpc_conn_id: str = DEFAULT_CONN_ID, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        hpc_conn_id: str = DEFAULT_CONN_ID,
+        timeout: float = 120.0,
+        attempts: int = CALL_ATTEMPTS,
+        retry_delay: float = RETRY_DELAY_S,
+    ) -> None:
         super().__init__()
         self.hpc_conn_id = hpc_conn_id
         self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.retry_delay = retry_delay
         self._ssh_client: Any = None
         self._transport: str | None = None
         self._local_argv: list[str] | None = None
@@ -122,42 +235,71 @@ class HpcGatewayHook(BaseHook):
     def _resolve(self) -> str:
         if self._transport is not None:
             return self._transport
-        conn = None
         try:
             conn = self.get_connection(self.hpc_conn_id)
-        except Exception:  # noqa: BLE001 - Airflow raises different types per version
-            if self.hpc_conn_id != DEFAULT_CONN_ID:
-                raise HpcTransportError(
-                    f"Airflow connection {self.hpc_conn_id!r} does not exist; create it (type "
-                    'ssh for a cluster, or any type with extra {"config": "site.toml"} for '
-                    "a local gateway)"
-                ) from None
-        if conn is not None and conn.conn_type == "ssh":
-            extra = conn.extra_dejson
-            if str(extra.get("no_host_key_check", "false")).lower() == "true":
-                raise HpcTransportError(
-                    f"connection {self.hpc_conn_id!r} disables host key checking; pin the "
-                    "cluster's key with the extra host_key (ssh-keyscan -t ed25519 HOST)"
+        except AirflowNotFoundException:
+            conn = None
+        except Exception as exc:  # noqa: BLE001 - any other failure must not mean "local"
+            raise HpcConfigError(
+                f"could not look up the Airflow connection {self.hpc_conn_id!r}: "
+                f"{type(exc).__name__}: {exc}; fix the secrets backend or metadata DB access "
+                "(jobs never fall back to this machine on a lookup error)"
+            ) from exc
+        if conn is None:
+            self._local_argv = self._embedded_argv()
+            self._transport = "local"
+        elif conn.conn_type == "ssh":
+            transport = str(conn.extra_dejson.get("transport", "ssh")).lower()
+            if transport != "ssh":
+                raise HpcConfigError(
+                    f"connection {self.hpc_conn_id!r} is of type ssh but its extra transport is "
+                    f"{transport!r}; remove that extra, or use a non-ssh connection for a local "
+                    "gateway"
                 )
+            check_ssh_extras(self.hpc_conn_id, conn)
             self._transport = "ssh"
         else:
-            extra = conn.extra_dejson if conn is not None else {}
-            config = Path(extra["config"]) if "config" in extra else embedded_site_config()
-            gateway = extra.get("gateway") or shutil.which(
-                "omeflow-gateway", path=str(Path(sys.executable).parent)
+            extra = conn.extra_dejson
+            if str(extra.get("transport", "")).lower() != "local" or not extra.get("config"):
+                raise HpcConfigError(
+                    f"connection {self.hpc_conn_id!r} has type {conn.conn_type!r}, which is not a "
+                    "gateway connection; make it type ssh (host, port, login, extras key_file and "
+                    'host_key), or, to run the gateway on this machine, give it the extras '
+                    '{"transport": "local", "config": "/path/to/site.toml"}'
+                )
+            self._local_argv = _local_argv(Path(extra["config"]), extra.get("gateway"))
+            log.info(
+                "connection %r runs the gateway locally with %s", self.hpc_conn_id, extra["config"]
             )
-            if gateway:
-                self._local_argv = [str(gateway), "--config", str(config)]
-            else:
-                self._local_argv = [
-                    sys.executable,
-                    "-m",
-                    "hpc_jobs.gateway",
-                    "--config",
-                    str(config),
-                ]
             self._transport = "local"
         return self._transport
+
+    def _embedded_argv(self) -> list[str]:
+        """argv of the embedded default, if the settings allow it for this connection id."""
+        section, key = TRANSPORT_SETTING
+        if self.hpc_conn_id != DEFAULT_CONN_ID:
+            raise HpcConfigError(
+                f"Airflow connection {self.hpc_conn_id!r} does not exist; create it (type ssh "
+                'with extras key_file and host_key, or {"transport": "local", "config": '
+                '"site.toml"} for a gateway on this machine)'
+            )
+        if not embedded_default_enabled():
+            raise HpcConfigError(
+                f"Airflow connection {DEFAULT_CONN_ID!r} does not exist; create it (type ssh, "
+                "extras key_file and host_key) to run jobs on a cluster, or set "
+                f"[{section}] {key} = local in airflow.cfg (AIRFLOW__OMEFLOW__HPC_TRANSPORT=local)"
+                " to run them on this machine with the embedded default"
+            )
+        config = embedded_site_config()
+        log.info(
+            "no connection %r and [%s] %s = local: jobs run on this machine (embedded default, "
+            "site file %s)",
+            DEFAULT_CONN_ID,
+            section,
+            key,
+            config,
+        )
+        return _local_argv(config, None)
 
     @property
     def transport(self) -> str:
@@ -233,6 +375,29 @@ class HpcGatewayHook(BaseHook):
         )
         return decode_reply(verb, raw.status, raw.stdout, raw.stderr)
 
+    def call_idempotent(self, verb: str, request: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`call`, tried again with the same request on transport errors (up to
+        ``attempts`` times, back-off from ``retry_delay``). Only for verbs where a repeat is
+        harmless: ``submit`` (same job key: the gateway returns the job it already created)
+        and ``cancel``."""
+        delay = self.retry_delay
+        for attempt in range(1, self.attempts):
+            try:
+                return self.call(verb, request)
+            except HpcTransportError as exc:
+                log.warning(
+                    "gateway %s failed (attempt %d of %d), trying again in %.1f s: %s",
+                    verb, attempt, self.attempts, delay, exc,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+        try:
+            return self.call(verb, request)
+        except HpcTransportError as exc:
+            raise HpcTransportError(
+                f"{exc} (gave up after {self.attempts} attempts with the same request)"
+            ) from exc
+
     def _typed(self, verb: str, model: type[R], request: dict[str, Any] | None = None) -> R:
         return model.model_validate(self.call(verb, request))
 
@@ -249,7 +414,8 @@ class HpcGatewayHook(BaseHook):
         resources: dict[str, Any] | None = None,
         secrets: dict[str, str] | None = None,
     ) -> SubmitReply:
-        """Submit one step (idempotent on ``job_key``)."""
+        """Submit one step (idempotent on ``job_key``: a lost reply is retried with the same key
+        and the gateway answers ``created=False`` for the job it already started)."""
         request = {
             "step": step,
             "job_key": job_key,
@@ -257,15 +423,15 @@ class HpcGatewayHook(BaseHook):
             "resources": resources or {},
             "secrets": secrets or {},
         }
-        return self._typed("submit", SubmitReply, request)
+        return SubmitReply.model_validate(self.call_idempotent("submit", request))
 
     def status(self, job_ids: Sequence[str]) -> list[JobStatus]:
         """Status of many jobs in one call."""
         return self._typed("status", StatusReply, {"job_ids": list(job_ids)}).jobs
 
     def cancel(self, job_id: str) -> CancelReply:
-        """Cancel a job (a no-op for finished jobs)."""
-        return self._typed("cancel", CancelReply, {"job_id": job_id})
+        """Cancel a job (a no-op for finished jobs; retried on transport errors)."""
+        return CancelReply.model_validate(self.call_idempotent("cancel", {"job_id": job_id}))
 
     def log(self, job_id: str, offset: int = 0, max_bytes: int = 65536) -> LogReply:
         """A piece of the job log; a negative offset reads its last ``-offset`` bytes."""

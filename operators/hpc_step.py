@@ -1,30 +1,52 @@
 """``HpcStepOperator``: run one registered cluster step as a Slurm job (or a local job).
 
-submit (idempotent job key) → defer to :class:`~operators.triggers.HpcJobTrigger` →
-``execute_complete``: the job log tail goes into the Airflow task log, and the terminal state
-becomes a result, a retry or a failure:
+submit (idempotent job key; a lost reply is retried with the same key, so one try is one
+job) → defer to :class:`~operators.triggers.HpcJobTrigger` (with a timeout: the job's time
+limit plus ``queue_allowance``) → ``execute_complete``: the job log tail goes into the Airflow
+task log, and what the trigger reported becomes a result, a retry or a failure:
 
-============================  ===========================================================
-COMPLETED                     success; the step's ``summary.json`` is the task's XCom
-PREEMPTED, NODE_FAIL,         ``AirflowException`` (the cluster's fault: Airflow retries
-BOOT_FAIL                     with a new try number, hence a new job)
-FAILED, TIMEOUT, CANCELLED,   ``AirflowFailException`` naming state, exit code, log tail
-OUT_OF_MEMORY, DEADLINE, ...  (no retry: running it again would fail the same way)
-============================  ===========================================================
+===============================  ============================================================
+COMPLETED                        success; the step's ``summary.json`` is the task's XCom
+PREEMPTED, NODE_FAIL, BOOT_FAIL  ``AirflowException`` (the cluster's fault: Airflow retries
+                                 with a new try number, hence a new job)
+FAILED, TIMEOUT, CANCELLED,      ``AirflowFailException`` naming state, exit code, a hint and
+OUT_OF_MEMORY, DEADLINE          the log tail (no retry: it would fail the same way)
+PENDING that never starts        the job is cancelled, then ``AirflowFailException`` naming
+                                 the Slurm reason and the resources asked for
+UNKNOWN for ``unknown_timeout``  the job is cancelled, then ``AirflowFailException``: its
+                                 directory vanished or Slurm purged it
+RUNNING, REQUEUED, SUSPENDED     (the trigger never sends them) cancelled, then
+                                 ``AirflowFailException``
+no status poll worked for        ``AirflowException`` (retry) if the trigger cancelled the
+``poll_outage_limit``            job first; else ``AirflowFailException`` naming the job to
+                                 check on the cluster (a retry could run it twice)
+connection misconfigured         ``AirflowFailException`` naming the fix
+deferral timeout, trigger        the job is cancelled, then Airflow's ``TaskDeferralTimeout``
+crash (Airflow's ``__fail__``)   or ``TaskDeferralError`` as usual
+===============================  ============================================================
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator, Context
+from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.triggers.base import BaseTrigger
+from pydantic import ValidationError
 
-from hooks.hpc import DEFAULT_CONN_ID, HpcGatewayHook
-from hpc_jobs.protocol import JobState, job_key_for
-from operators.triggers import HpcJobTrigger
+from hooks.hpc import DEFAULT_CONN_ID, HpcConfigError, HpcGatewayHook
+from hpc_jobs.protocol import JobState, ResourceOverrides, Resources, job_key_for
+from operators.triggers import POLL_OUTAGE_LIMIT_S, UNKNOWN_TIMEOUT_S, HpcJobTrigger
+
+#: Default time a job may wait in the queue, on top of its time limit, before the deferral
+#: times out (Airflow then resumes the task with ``__fail__``; the job is cancelled).
+QUEUE_ALLOWANCE = timedelta(days=1)
 
 
 class HpcStepOperator(BaseOperator):
@@ -39,6 +61,12 @@ class HpcStepOperator(BaseOperator):
         session key is minted for this job (see :mod:`hooks.omero`).
     :param poll_interval: seconds between (shared) status polls.
     :param log_tail_bytes: how much of the job log to copy into the task log at the end.
+    :param unknown_timeout: seconds a job may stay UNKNOWN (the cluster no longer knows it)
+        before the task cancels it and fails.
+    :param poll_outage_limit: seconds without a working status poll before the trigger
+        cancels the job and gives up.
+    :param queue_allowance: how long a job may wait in the queue; the deferral's timeout is
+        the job's time limit (times the waves of a throttled array) plus this.
     """
 
     template_fields: Sequence[str] = ("step_params", "hpc_resources")
@@ -55,6 +83,9 @@ class HpcStepOperator(BaseOperator):
         omero_conn_id: str | None = None,
         poll_interval: float = 10.0,
         log_tail_bytes: int = 8000,
+        unknown_timeout: float = UNKNOWN_TIMEOUT_S,
+        poll_outage_limit: float = POLL_OUTAGE_LIMIT_S,
+        queue_allowance: timedelta = QUEUE_ALLOWANCE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,6 +96,9 @@ class HpcStepOperator(BaseOperator):
         self.omero_conn_id = omero_conn_id
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
+        self.unknown_timeout = unknown_timeout
+        self.poll_outage_limit = poll_outage_limit
+        self.queue_allowance = queue_allowance
         self._job_id: str | None = None
 
     @cached_property
@@ -91,17 +125,62 @@ class HpcStepOperator(BaseOperator):
 
         return {"omero_session_key": OmeroSessionHook(self.omero_conn_id).mint_session_key()}
 
+    def job_resources(self) -> Resources:
+        """The step's default resources with ``hpc_resources`` applied (before the site's
+        clamping, so an upper bound of what the cluster grants)."""
+        from hpc_jobs.registry import get_step
+
+        spec = get_step(self.step)
+        base = spec.resources if spec is not None else Resources()
+        try:
+            return ResourceOverrides.model_validate(self.hpc_resources).apply(base)
+        except ValidationError:  # the gateway refuses it with the details at submit
+            return base
+
+    def deferral_timeout(self) -> timedelta:
+        """Backstop for the trigger: the job's time limit (times the waves a throttled array
+        needs) plus ``queue_allowance``."""
+        from hpc_jobs.protocol import array_indices
+
+        resources = self.job_resources()
+        waves = 1
+        if resources.array:
+            tasks = len(array_indices(resources.array))
+            _, _, throttle = resources.array.partition("%")
+            waves = math.ceil(tasks / int(throttle)) if throttle and int(throttle) > 0 else 1
+        return timedelta(minutes=resources.time_min * waves) + self.queue_allowance
+
+    def defer(
+        self,
+        *,
+        trigger: BaseTrigger,
+        method_name: str,
+        kwargs: dict[str, Any] | None = None,
+        timeout: timedelta | int | float | None = None,
+    ) -> NoReturn:
+        """``BaseOperator.defer`` with :meth:`deferral_timeout` when no timeout is given
+        (subclasses that defer again, e.g. for a merge job, get it too)."""
+        super().defer(
+            trigger=trigger,
+            method_name=method_name,
+            kwargs=kwargs,
+            timeout=self.deferral_timeout() if timeout is None else timeout,
+        )
+
     def execute(self, context: Context) -> Any:
         hook = self.hook
         params = self.prepare_params(context)
         job_key = self.job_key(context)
-        reply = hook.submit(
-            self.step,
-            job_key,
-            params=params,
-            resources=self.hpc_resources,
-            secrets=self.mint_secrets(context),
-        )
+        try:
+            reply = hook.submit(
+                self.step,
+                job_key,
+                params=params,
+                resources=self.hpc_resources,
+                secrets=self.mint_secrets(context),
+            )
+        except HpcConfigError as exc:
+            raise AirflowFailException(str(exc)) from exc
         self._job_id = reply.job_id
         self.log.info(
             "%s job %s: %s (native id %s, via %s)",
@@ -122,15 +201,46 @@ class HpcStepOperator(BaseOperator):
         if reply.state.terminal:
             status = hook.status([reply.job_id])[0]
             return self.execute_complete(context, status.model_dump(mode="json"))
-        self.defer(
-            trigger=HpcJobTrigger(
-                job_id=reply.job_id,
-                hpc_conn_id=self.hpc_conn_id,
-                poll_interval=self.poll_interval,
-                native_id=reply.native_id,
-            ),
-            method_name="execute_complete",
+        self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
+                   method_name="execute_complete")
+
+    def trigger_for(self, job_id: str, native_id: str = "") -> HpcJobTrigger:
+        """The trigger that waits for ``job_id`` with this operator's limits."""
+        return HpcJobTrigger(
+            job_id=job_id,
+            hpc_conn_id=self.hpc_conn_id,
+            poll_interval=self.poll_interval,
+            native_id=native_id,
+            unknown_timeout=self.unknown_timeout,
+            poll_outage_limit=self.poll_outage_limit,
         )
+
+    def resume_execution(
+        self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context
+    ) -> Any:
+        """On Airflow's ``__fail__`` (deferral timeout, crashed trigger) cancel the job first:
+        the task fails and a retry would start a second job next to an untracked one."""
+        if next_method == TRIGGER_FAIL_REPR:
+            for job_id in self.deferred_job_ids(context):
+                self.log.warning("the wait for cluster job %s failed; cancelling it", job_id)
+                self._cancel_quietly(job_id)
+        return super().resume_execution(next_method, next_kwargs, context)
+
+    def deferred_job_ids(self, context: Context) -> list[str]:
+        """Job ids a deferral of this try may be waiting for (recomputed from the task
+        instance; subclasses that submit more jobs add theirs)."""
+        return [self.job_key(context)]
+
+    def _cancel_quietly(self, job_id: str) -> str:
+        """Cancel a job; returns what happened, for the failure message."""
+        try:
+            reply = self.hook.cancel(job_id)
+        except Exception as exc:  # noqa: BLE001 - reported, the failure that follows decides
+            self.log.warning("could not cancel cluster job %s: %s", job_id, exc)
+            return (
+                f"cancelling it failed ({exc}); check it on the cluster (squeue --name {job_id})"
+            )
+        return f"the job was cancelled (now {reply.state.value})"
 
     def _log_tail(self, job_id: str) -> str:
         try:
@@ -144,9 +254,17 @@ class HpcStepOperator(BaseOperator):
         return text
 
     def raise_for_state(self, event: dict[str, Any]) -> None:
-        """Copy the job's log tail into the task log; raise unless the job COMPLETED."""
+        """Copy the job's log tail into the task log; raise unless the job COMPLETED (see the
+        module docstring's table)."""
         job_id = event["job_id"]
         self._job_id = job_id
+        if event.get("error"):
+            if event.get("cancelled"):
+                raise AirflowException(f"lost track of cluster job {job_id}: {event['error']}")
+            raise AirflowFailException(
+                f"lost track of cluster job {job_id}: {event['error']}; not retried, so that no "
+                "second job runs beside it: clear the task once the cause is fixed"
+            )
         state = JobState(event.get("state", "UNKNOWN"))
         tail = self._log_tail(job_id)
         if tail:
@@ -157,18 +275,27 @@ class HpcStepOperator(BaseOperator):
             + (f", {event['reason']}" if event.get("reason") else "")
             + ")"
         )
-        if event.get("error"):
-            raise AirflowException(f"lost track of cluster job {job_id}: {event['error']}")
-        if state is JobState.PENDING:  # the trigger gave up on a job that can never start
-            self.hook.cancel(job_id)
-            raise AirflowFailException(
-                f"{what}: Slurm will never start this job as submitted ({event.get('reason')}); "
-                f"it asked for {self.hpc_resources or 'the step defaults'}: lower hpc_resources "
-                "or ask the HPC admin which partition/account fits. The job was cancelled."
-            )
         if state is JobState.COMPLETED:
             self.log.info("%s", what)
             return
+        if not state.terminal:  # the job may still exist: never leave it running untracked
+            cancelled = self._cancel_quietly(job_id)
+            if state is JobState.PENDING:  # the trigger gave up on a job that can never start
+                raise AirflowFailException(
+                    f"{what}: Slurm will never start this job as submitted "
+                    f"({event.get('reason')}); it asked for "
+                    f"{self.hpc_resources or 'the step defaults'}: lower hpc_resources or ask "
+                    f"the HPC admin which partition/account fits. {cancelled}."
+                )
+            if state is JobState.UNKNOWN:
+                raise AirflowFailException(
+                    f"{what}: the cluster no longer knows this job (its job directory vanished, "
+                    "or Slurm purged it and it left no exit marker); "
+                    f"{cancelled}. Check the job root on the cluster, then clear the task."
+                )
+            raise AirflowFailException(
+                f"{what}: the job is not finished, yet the wait for it ended; {cancelled}"
+            )
         if state.retryable:
             raise AirflowException(f"{what}: a cluster-side failure, worth a retry")
         hint = {

@@ -4,6 +4,23 @@ All triggers of one triggerer that watch jobs behind the same connection share O
 poll per interval: a :class:`StatusPoller` per (event loop, connection, interval) collects the
 job ids of every waiting trigger and asks the gateway about all of them in a single ``status``
 call. 100 concurrent jobs cost one gateway call (one SSH exec) per interval, not 100.
+
+What a waiting trigger gets from the poller:
+
+=================================  ==========================================================
+the poll says                      the trigger
+=================================  ==========================================================
+a terminal state                   fires with the job's status
+PENDING that never starts          fires with the status (the operator cancels, then fails)
+UNKNOWN for ``unknown_timeout`` s  fires with the UNKNOWN status (the operator cancels, then
+(default 10 min) in a row          fails: the job directory vanished or Slurm purged the job)
+transport / gateway error          keeps polling; delays double from the interval up to
+                                   :data:`MAX_BACKOFF_S` (sshd throttles reconnects)
+no good poll for                   cancels the job (best effort), then fires an event with
+``poll_outage_limit`` s            ``error`` and ``cancelled``: the operator retries only if
+(default 1 h)                      the cancel went through, else fails naming the job
+connection misconfigured           fires at once with ``error`` (:class:`HpcConfigError`)
+=================================  ==========================================================
 """
 
 from __future__ import annotations
@@ -11,20 +28,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from hooks.hpc import AsyncGatewayClient, HpcGatewayError, HpcTransportError
-from hpc_jobs.protocol import MAX_STATUS_IDS, JobStatus, never_starts
+from hooks.hpc import AsyncGatewayClient, HpcConfigError, HpcGatewayError, HpcTransportError
+from hpc_jobs.protocol import MAX_STATUS_IDS, JobState, JobStatus, never_starts
 
 log = logging.getLogger(__name__)
 
-#: Consecutive failed polls after which waiting triggers give up with an error event.
-MAX_POLL_FAILURES = 8
 #: First delay after a job arrives; it doubles on each quiet poll up to the poll interval.
 FIRST_POLL_S = 0.5
+#: Longest delay between two polls while polls fail.
+MAX_BACKOFF_S = 300.0
+#: Seconds a job may stay UNKNOWN in a row before its trigger fires with that state.
+UNKNOWN_TIMEOUT_S = 600.0
+#: Seconds without one good poll after which a trigger cancels its job and gives up.
+POLL_OUTAGE_LIMIT_S = 3600.0
+#: Seconds the give-up cancel may take.
+CANCEL_TIMEOUT_S = 60.0
+
+
+class PollGaveUp(Exception):
+    """Status polls failed for longer than the trigger's ``poll_outage_limit``.
+
+    :param cancelled: whether the job was cancelled before giving up.
+    """
+
+    def __init__(self, message: str, cancelled: bool) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One waiting trigger: its future and its own limits."""
+
+    fut: asyncio.Future[JobStatus]
+    unknown_timeout: float
+    poll_outage_limit: float
+    last_ok: float = field(default_factory=time.monotonic)
+    unknown_since: float | None = None
 
 
 class StatusPoller:
@@ -35,10 +83,14 @@ class StatusPoller:
     def __init__(self, hpc_conn_id: str, interval: float) -> None:
         self.client = AsyncGatewayClient(hpc_conn_id)
         self.interval = interval
-        self.waiters: dict[str, list[asyncio.Future[JobStatus]]] = {}
+        #: cap of the back-off while polls fail
+        self.max_backoff = MAX_BACKOFF_S
+        self.waiters: dict[str, list[_Waiter]] = {}
         self.polls = 0
         #: most job ids one poll asked about (shows the batching)
         self.max_batch = 0
+        #: the latest delays between polls (seconds), for logs and tests
+        self.delays: deque[float] = deque(maxlen=64)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -56,23 +108,102 @@ class StatusPoller:
             poller = cls._instances[key] = StatusPoller(hpc_conn_id, interval)
         return poller
 
-    async def wait(self, job_id: str) -> JobStatus:
-        """Return the job's status once it is terminal."""
+    async def wait(
+        self,
+        job_id: str,
+        unknown_timeout: float = UNKNOWN_TIMEOUT_S,
+        poll_outage_limit: float = POLL_OUTAGE_LIMIT_S,
+    ) -> JobStatus:
+        """Return the job's status once it is terminal, never starts, or has been UNKNOWN
+        for ``unknown_timeout`` seconds. Raises :class:`PollGaveUp` after
+        ``poll_outage_limit`` seconds without a good poll (the job cancelled first, if the
+        gateway answers) and :class:`HpcConfigError` when the connection is unusable."""
         fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
-        self.waiters.setdefault(job_id, []).append(fut)
+        waiter = _Waiter(fut, unknown_timeout, poll_outage_limit)
+        self.waiters.setdefault(job_id, []).append(waiter)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
         self._wake.set()
         try:
             return await fut
         finally:
-            futs = self.waiters.get(job_id, [])
-            if fut in futs:
-                futs.remove(fut)
-            if not futs:
+            waiters = self.waiters.get(job_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
                 self.waiters.pop(job_id, None)
 
+    def _seen(self, status: JobStatus, now: float) -> None:
+        """Resolve the waiters of one polled job that need to wake up."""
+        for waiter in self.waiters.get(status.job_id, []):
+            waiter.last_ok = now
+            if waiter.fut.done():
+                continue
+            if status.state is JobState.UNKNOWN:
+                waiter.unknown_since = waiter.unknown_since or now
+                lasted = now - waiter.unknown_since
+                if lasted >= waiter.unknown_timeout:
+                    reason = (
+                        f"UNKNOWN for {lasted:.0f} s (limit {waiter.unknown_timeout:.0f} s): "
+                        f"{status.reason or 'the scheduler no longer knows this job'}"
+                    )
+                    waiter.fut.set_result(status.model_copy(update={"reason": reason}))
+                continue
+            waiter.unknown_since = None
+            if status.state.terminal or never_starts(status):
+                waiter.fut.set_result(status)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for waiters in self.waiters.values():
+            for waiter in waiters:
+                if not waiter.fut.done():
+                    waiter.fut.set_exception(exc)
+
+    async def _give_up_expired(self, exc: BaseException, now: float) -> None:
+        """Cancel, then fail, the jobs whose waiters saw no good poll for their limit."""
+        expired = {
+            job_id: [
+                w for w in waiters if not w.fut.done() and now - w.last_ok >= w.poll_outage_limit
+            ]
+            for job_id, waiters in self.waiters.items()
+        }
+        await asyncio.gather(
+            *(self._cancel_and_fail(job_id, ws, exc) for job_id, ws in expired.items() if ws)
+        )
+
+    async def _cancel_and_fail(
+        self, job_id: str, waiters: list[_Waiter], exc: BaseException
+    ) -> None:
+        try:
+            await asyncio.wait_for(self.client.cancel(job_id), CANCEL_TIMEOUT_S)
+            cancelled, outcome = True, "the job was cancelled"
+        except Exception as cancel_exc:  # noqa: BLE001 - reported in the message
+            cancelled = False
+            outcome = (
+                f"cancelling it failed too ({cancel_exc}); it may still run: check it on the "
+                f"cluster (squeue --name {job_id}) and cancel it there before running the task "
+                "again"
+            )
+        limit = max(w.poll_outage_limit for w in waiters)
+        error = PollGaveUp(
+            f"no status of cluster job {job_id} for {limit:.0f} s (last error: {exc}); {outcome}",
+            cancelled,
+        )
+        for waiter in waiters:
+            if not waiter.fut.done():
+                waiter.fut.set_exception(error)
+
     async def _loop(self) -> None:
+        while True:
+            try:
+                await self._poll_while_waited()
+            finally:
+                await self.client.close()
+            # a trigger may have arrived while the connection closed (no await after this)
+            if not self.waiters:
+                return
+
+    async def _poll_while_waited(self) -> None:
         failures = 0
         #: polls since a job last arrived: short jobs are seen soon, long ones cost few polls
         quiet = 0
@@ -85,51 +216,59 @@ class StatusPoller:
                     statuses += await self.client.status(ids[i : i + MAX_STATUS_IDS])
                 self.polls += 1
                 failures = 0
+                now = time.monotonic()
                 for status in statuses:
-                    if status.state.terminal or never_starts(status):
-                        for fut in self.waiters.get(status.job_id, []):
-                            if not fut.done():
-                                fut.set_result(status)
+                    self._seen(status, now)
+            except HpcConfigError as exc:  # no poll can succeed until someone fixes it
+                log.error("status poll impossible: %s", exc)
+                self._fail_all(exc)
             except (HpcTransportError, HpcGatewayError) as exc:
                 failures += 1
                 log.warning("status poll failed (%d in a row): %s", failures, exc)
-                if failures >= MAX_POLL_FAILURES:
-                    for futs in self.waiters.values():
-                        for fut in futs:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                    failures = 0
+                await self._give_up_expired(exc, time.monotonic())
             quiet += 1
-            if failures:  # back off (sshd MaxStartups throttles reconnects)
-                delay = self.interval * (2 ** min(failures, 4))
+            if failures:  # back off, capped (sshd MaxStartups throttles reconnects)
+                delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 30))
             else:  # 0.5 s, 1 s, 2 s ... up to the configured interval
                 delay = min(self.interval, FIRST_POLL_S * 2 ** (quiet - 1))
+            self.delays.append(delay)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 # a new job arrived: start the fast polls again, batching simultaneous arrivals
                 quiet = 0
                 await asyncio.sleep(min(self.interval, FIRST_POLL_S))
-        await self.client.close()
 
 
 class HpcJobTrigger(BaseTrigger):
-    """Fires once the gateway reports the job terminal.
+    """Fires once the gateway reports the job terminal (see the module docstring's table).
 
     :param job_id: the gateway job id (the job key).
     :param hpc_conn_id: connection of the gateway.
     :param poll_interval: seconds between shared status polls.
     :param native_id: the scheduler's id, only for log messages.
+    :param unknown_timeout: seconds the job may stay UNKNOWN in a row before the trigger fires
+        with that state.
+    :param poll_outage_limit: seconds without a good status poll after which the trigger
+        cancels the job and fires an error event.
     """
 
     def __init__(
-        self, job_id: str, hpc_conn_id: str, poll_interval: float = 10.0, native_id: str = ""
+        self,
+        job_id: str,
+        hpc_conn_id: str,
+        poll_interval: float = 10.0,
+        native_id: str = "",
+        unknown_timeout: float = UNKNOWN_TIMEOUT_S,
+        poll_outage_limit: float = POLL_OUTAGE_LIMIT_S,
     ) -> None:
         super().__init__()
         self.job_id = job_id
         self.hpc_conn_id = hpc_conn_id
         self.poll_interval = poll_interval
         self.native_id = native_id
+        self.unknown_timeout = unknown_timeout
+        self.poll_outage_limit = poll_outage_limit
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -139,6 +278,8 @@ class HpcJobTrigger(BaseTrigger):
                 "hpc_conn_id": self.hpc_conn_id,
                 "poll_interval": self.poll_interval,
                 "native_id": self.native_id,
+                "unknown_timeout": self.unknown_timeout,
+                "poll_outage_limit": self.poll_outage_limit,
             },
         )
 
@@ -146,9 +287,18 @@ class HpcJobTrigger(BaseTrigger):
         poller = StatusPoller.get(self.hpc_conn_id, self.poll_interval)
         self.log.info("waiting for cluster job %s (%s)", self.job_id, self.native_id)
         try:
-            status = await poller.wait(self.job_id)
-        except (HpcTransportError, HpcGatewayError) as exc:
-            yield TriggerEvent({"job_id": self.job_id, "state": "UNKNOWN", "error": str(exc)})
+            status = await poller.wait(self.job_id, self.unknown_timeout, self.poll_outage_limit)
+        except PollGaveUp as exc:
+            yield TriggerEvent(
+                {"job_id": self.job_id, "native_id": self.native_id, "state": "UNKNOWN",
+                 "error": str(exc), "cancelled": exc.cancelled}
+            )
+            return
+        except HpcConfigError as exc:
+            yield TriggerEvent(
+                {"job_id": self.job_id, "native_id": self.native_id, "state": "UNKNOWN",
+                 "error": str(exc), "cancelled": False}
+            )
             return
         yield TriggerEvent(status.model_dump(mode="json"))
 

@@ -16,7 +16,7 @@ def local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = SiteConfig.local(tmp_path)
     path = tmp_path / "site.toml"
     path.write_text(site.to_toml())
-    conn = {"conn_type": "generic", "extra": {"config": str(path)}}
+    conn = {"conn_type": "generic", "extra": {"transport": "local", "config": str(path)}}
     monkeypatch.setenv("AIRFLOW_CONN_OMEFLOW_TEST", json.dumps(conn))
     return path
 

@@ -1,0 +1,185 @@
+"""The shared ``StatusPoller`` (back-off, give-up, lasting UNKNOWN) and ``HpcJobTrigger``.
+
+A scripted client stands in for the gateway; intervals are hundredths of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from hooks.hpc import HpcConfigError, HpcTransportError
+from hpc_jobs.protocol import CancelReply, JobState, JobStatus
+from operators.triggers import HpcJobTrigger, PollGaveUp, StatusPoller
+
+INTERVAL = 0.01
+CAP = 0.04
+
+
+class ScriptedClient:
+    """Answers ``status`` from a script: one entry per poll, an exception or a state."""
+
+    def __init__(self, script: Callable[[int], Any], cancel_error: Exception | None = None):
+        self.script = script
+        self.cancel_error = cancel_error
+        self.status_calls = 0
+        self.cancelled: list[str] = []
+        self.calls = 0
+
+    async def status(self, job_ids: list[str]) -> list[JobStatus]:
+        self.status_calls += 1
+        answer = self.script(self.status_calls)
+        if isinstance(answer, Exception):
+            raise answer
+        return [JobStatus(job_id=j, state=answer, reason="scripted") for j in job_ids]
+
+    async def cancel(self, job_id: str) -> CancelReply:
+        self.cancelled.append(job_id)
+        if self.cancel_error is not None:
+            raise self.cancel_error
+        return CancelReply(job_id=job_id, state=JobState.CANCELLED)
+
+    async def close(self) -> None:
+        pass
+
+
+def _poller(client: ScriptedClient) -> StatusPoller:
+    poller = StatusPoller("omeflow_test", INTERVAL)
+    poller.client = client  # type: ignore[assignment]
+    poller.max_backoff = CAP
+    return poller
+
+
+def _run(coro: Any, limit: float = 20) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, limit)
+
+    return asyncio.run(bounded())
+
+
+def test_keeps_polling_through_an_outage_with_capped_backoff() -> None:
+    down = HpcTransportError("ssh: connection refused")
+    client = ScriptedClient(lambda n: down if n <= 12 else JobState.COMPLETED)
+
+    async def wait() -> tuple[JobStatus, StatusPoller]:
+        poller = _poller(client)
+        return await poller.wait("job-1", poll_outage_limit=60), poller
+
+    status, poller = _run(wait())
+    assert status.state is JobState.COMPLETED, "12 failed polls in a row did not end the wait"
+    assert client.status_calls == 13
+    assert client.cancelled == []
+    failing = list(poller.delays)[:12]
+    assert failing[:3] == pytest.approx([INTERVAL, 2 * INTERVAL, 4 * INTERVAL])
+    assert max(failing) == pytest.approx(CAP), "back-off capped at max_backoff"
+
+
+def test_gives_up_after_the_outage_limit_cancelling_first() -> None:
+    client = ScriptedClient(lambda n: HpcTransportError("ssh: no route to host"))
+
+    async def wait() -> None:
+        await _poller(client).wait("job-1", poll_outage_limit=0.2)
+
+    with pytest.raises(PollGaveUp) as err:
+        _run(wait())
+    assert client.cancelled == ["job-1"], "cancelled before giving up"
+    assert err.value.cancelled
+    assert "no status of cluster job job-1" in str(err.value)
+    assert "the job was cancelled" in str(err.value)
+    assert client.status_calls > 3
+
+
+def test_give_up_says_so_when_the_cancel_fails_too() -> None:
+    down = HpcTransportError("ssh: no route to host")
+    client = ScriptedClient(lambda n: down, cancel_error=down)
+
+    async def wait() -> None:
+        await _poller(client).wait("job-1", poll_outage_limit=0.1)
+
+    with pytest.raises(PollGaveUp) as err:
+        _run(wait())
+    assert not err.value.cancelled
+    assert "squeue --name job-1" in str(err.value)
+
+
+def test_lasting_unknown_ends_the_wait() -> None:
+    client = ScriptedClient(lambda n: JobState.UNKNOWN)
+
+    async def wait() -> JobStatus:
+        return await _poller(client).wait("job-1", unknown_timeout=0.2)
+
+    status = _run(wait())
+    assert status.state is JobState.UNKNOWN
+    assert status.reason is not None and status.reason.startswith("UNKNOWN for ")
+    assert "scripted" in status.reason
+
+
+def test_brief_unknown_does_not_end_the_wait() -> None:
+    script = {1: JobState.UNKNOWN, 2: JobState.UNKNOWN, 3: JobState.RUNNING}
+    client = ScriptedClient(lambda n: script.get(n, JobState.COMPLETED if n > 30 else
+                                                 JobState.UNKNOWN if n % 2 else JobState.RUNNING))
+
+    async def wait() -> JobStatus:
+        return await _poller(client).wait("job-1", unknown_timeout=0.5)
+
+    assert _run(wait()).state is JobState.COMPLETED
+
+
+def test_config_error_ends_the_wait_at_once() -> None:
+    client = ScriptedClient(lambda n: HpcConfigError("connection 'x' has no pinned host key"))
+
+    async def wait() -> None:
+        await _poller(client).wait("job-1")
+
+    with pytest.raises(HpcConfigError, match="pinned host key"):
+        _run(wait())
+    assert client.status_calls == 1
+    assert client.cancelled == []
+
+
+# -- HpcJobTrigger -----------------------------------------------------------------------------
+def test_trigger_serialize_round_trip() -> None:
+    trigger = HpcJobTrigger(job_id="j-1", hpc_conn_id="c", poll_interval=3.0, native_id="42",
+                            unknown_timeout=120.0, poll_outage_limit=900.0)
+    classpath, kwargs = trigger.serialize()
+    assert set(kwargs) == set(inspect.signature(HpcJobTrigger.__init__).parameters) - {"self"}
+    module, _, name = classpath.rpartition(".")  # what the triggerer does
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert isinstance(rebuilt, HpcJobTrigger)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert kwargs["unknown_timeout"] == 120.0 and kwargs["poll_outage_limit"] == 900.0
+
+
+def _first_event(trigger: HpcJobTrigger, client: ScriptedClient) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        poller = StatusPoller.get(trigger.hpc_conn_id, trigger.poll_interval)
+        poller.client = client  # type: ignore[assignment]
+        poller.max_backoff = CAP
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+
+    return _run(run())
+
+
+def test_trigger_event_when_polls_give_up() -> None:
+    client = ScriptedClient(lambda n: HpcTransportError("ssh: timeout"))
+    trigger = HpcJobTrigger(job_id="j-1", hpc_conn_id="omeflow_t1", poll_interval=INTERVAL,
+                            native_id="42", poll_outage_limit=0.1)
+    event = _first_event(trigger, client)
+    assert event["job_id"] == "j-1" and event["state"] == "UNKNOWN"
+    assert event["cancelled"] is True and "ssh: timeout" in event["error"]
+    assert client.cancelled == ["j-1"]
+
+
+def test_trigger_event_for_a_terminal_job() -> None:
+    client = ScriptedClient(lambda n: JobState.RUNNING if n < 3 else JobState.FAILED)
+    trigger = HpcJobTrigger(job_id="j-2", hpc_conn_id="omeflow_t2", poll_interval=INTERVAL)
+    event = _first_event(trigger, client)
+    assert event == {"job_id": "j-2", "native_id": None, "state": "FAILED", "exit_code": None,
+                     "reason": "scripted", "elapsed_s": None, "array_states": None}

@@ -37,7 +37,17 @@ except ModuleNotFoundError:  # Python 3.10: the OMERO lane (zeroc-ice 3.6.5 need
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hpc_jobs.protocol import ErrorCode, GatewayError, Resources, SlurmName, array_indices
+from hpc_jobs.protocol import (
+    SAFE_NAME_RE,
+    ErrorCode,
+    GatewayError,
+    Resources,
+    SlurmName,
+    array_indices,
+)
+
+#: File name of the default audit log in the job root (a leading dot: never a job key).
+AUDIT_LOG_NAME = ".audit.log"
 
 
 class _Cfg(BaseModel):
@@ -80,6 +90,9 @@ class SlurmConfig(_Cfg):
     max_time_min: int = 7 * 24 * 60
     max_gpus: int = 8
     max_array_tasks: int = 1000
+    #: The cluster's ``slurm.conf`` when Slurm's tools do not find it by themselves: passed to
+    #: them as ``SLURM_CONF`` (they get no other variable from the gateway's environment).
+    conf: Path | None = None
 
     def _limited(self, res: Resources) -> list[tuple[str, int, int]]:
         return [
@@ -133,9 +146,35 @@ class SiteConfig(_Cfg):
             store=StoreConfig(kind="local", path=root / "store"),
         )
 
+    @model_validator(mode="after")
+    def _audit_outside_job_keys(self) -> SiteConfig:
+        problem = self.audit_conflict()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def audit_conflict(self) -> str | None:
+        """Why ``audit_log`` is unsafe, or None. A job key names ``<job_root>/<key>``: an audit
+        log there could be taken (or shadowed) by a job. Dot names are outside that namespace."""
+        if self.audit_log is None:
+            return None
+        try:
+            first = Path(self.audit_log).relative_to(self.job_root).parts[0]
+        except (ValueError, IndexError):
+            return None
+        if SAFE_NAME_RE.fullmatch(first) is None:
+            return None
+        return (
+            f"audit_log {self.audit_log} lies in the job-key namespace of job_root (a job "
+            f"key {first!r} would take its place); put it outside job_root, or under a name "
+            f"starting with a dot (e.g. {Path(self.job_root) / AUDIT_LOG_NAME})"
+        )
+
     @property
     def audit_path(self) -> Path:
-        return self.audit_log or self.job_root / "audit.log"
+        """The audit log: ``audit_log``, else ``<job_root>/.audit.log`` (a dot name: no job
+        key can be equal to it)."""
+        return self.audit_log or self.job_root / AUDIT_LOG_NAME
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -161,7 +200,13 @@ class SiteConfig(_Cfg):
                 f"site configuration {path} is invalid: "
                 + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
             ) from None
-        return cfg.resolved(path.parent)
+        cfg = cfg.resolved(path.parent)
+        problem = cfg.audit_conflict()
+        if problem:
+            raise GatewayError(
+                ErrorCode.CONFIG_ERROR, f"site configuration {path} is invalid: {problem}"
+            )
+        return cfg
 
     def resolved(self, base: Path) -> SiteConfig:
         """Return a copy whose relative paths are anchored at ``base``."""
@@ -176,6 +221,7 @@ class SiteConfig(_Cfg):
             update={"path": fix(self.store.path), "ca_file": fix(self.store.ca_file)}
         )
         models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose)})
+        slurm = self.slurm.model_copy(update={"conf": fix(self.slurm.conf)})
         return self.model_copy(
             update={
                 "job_root": fix(self.job_root),
@@ -183,6 +229,7 @@ class SiteConfig(_Cfg):
                 "python": fix(self.python),
                 "audit_log": fix(self.audit_log),
                 "store": store,
+                "slurm": slurm,
                 "models": models,
             }
         )
@@ -204,7 +251,7 @@ class SiteConfig(_Cfg):
             lines += [f'host = "{self.store.host}"', f"port = {self.store.port}"]
         lines += ["", "[slurm]"]
         for key, value in self.slurm.model_dump(exclude_none=True).items():
-            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+            lines.append(f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"')
         if self.models.cellpose:
             lines += ["", "[models]", f'cellpose = "{self.models.cellpose}"']
         return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ import enum
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 PROTOCOL_VERSION = 1
 
@@ -59,21 +59,76 @@ SlurmName = Annotated[
 ]
 #: An OMERO session key (a UUID in practice).
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{8,128}$", strict=True)]
-#: A Slurm array spec such as ``0-15`` or ``0-63%8``.
+
+_ARRAY_RE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?(?:%([0-9]{1,4}))?")
+
+
+def array_indices(spec: str) -> range:
+    """The task indices of an :data:`ArraySpec` (``"0-15%4"`` -> 0..15; the ``%`` part only
+    limits how many run at once). Raises ``ValueError`` naming the fix for a reversed range
+    (``5-1``) or a zero limit (``0-3%0``)."""
+    m = _ARRAY_RE.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise ValueError(
+            f"array spec {spec!r} is not FIRST[-LAST][%LIMIT] (digits only), e.g. 0-15 or 0-63%8"
+        )
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    if hi < lo:
+        raise ValueError(
+            f"array spec {spec!r} counts down: the first index must not exceed the last "
+            f"(write {hi}-{lo})"
+        )
+    if m.group(3) is not None and int(m.group(3)) == 0:
+        raise ValueError(
+            f"array spec {spec!r} lets no task run at once: the %LIMIT must be at least 1"
+        )
+    return range(lo, hi + 1)
+
+
+def _valid_array_spec(spec: str) -> str:
+    array_indices(spec)
+    return spec
+
+
+#: A Slurm array spec such as ``0-15`` or ``0-63%8`` (first <= last, limit >= 1).
 ArraySpec = Annotated[
-    str, StringConstraints(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?(%[0-9]{1,4})?$", strict=True)
+    str,
+    StringConstraints(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?(%[0-9]{1,4})?$", strict=True),
+    AfterValidator(_valid_array_spec),
 ]
 
 #: The same safe-name rule for code outside pydantic (job directories, output files).
 SAFE_NAME_RE = re.compile(_SAFE)
 
+#: Who calls the gateway: the OMERO user a key belongs to, put on the forced command line by
+#: the HPC admin (``omeflow-gateway --config site.toml --caller alice``; ``omeflow keys``
+#: writes it). Jobs belong to their caller: other callers' jobs look like missing ones.
+CALLER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
-def array_indices(spec: str) -> range:
-    """The task indices of an :data:`ArraySpec` (``"0-15%4"`` -> 0..15; the ``%`` part only
-    limits how many run at once)."""
-    body = spec.partition("%")[0]
-    lo, _, hi = body.partition("-")
-    return range(int(lo), int(hi or lo) + 1)
+#: The caller of a gateway started without ``--caller``: the embedded default (local
+#: transport) and single-tenant sites whose one service key has no ``--caller``. Reserved: no
+#: key may name it explicitly, so no per-user key can reach the default caller's jobs. Job
+#: records written before callers existed belong to it.
+DEFAULT_CALLER = "local"
+
+
+def validate_caller(name: object) -> str:
+    """A ``--caller`` value: an OMERO user name (``CALLER_RE``), never :data:`DEFAULT_CALLER`.
+
+    Raises ``ValueError`` naming the rule.
+    """
+    if not isinstance(name, str) or CALLER_RE.fullmatch(name) is None:
+        raise ValueError(
+            f"invalid caller {name!r}: use the OMERO user name, 1-64 characters from "
+            "A-Z a-z 0-9 _ . @ -, starting with a letter or digit"
+        )
+    if name == DEFAULT_CALLER:
+        raise ValueError(
+            f"caller {DEFAULT_CALLER!r} is reserved for calls without --caller (the embedded "
+            "default); give the key's OMERO user instead"
+        )
+    return name
 
 
 def job_key_for(*parts: object, max_length: int = 160) -> str:
@@ -383,6 +438,14 @@ class LogReply(_Strict):
 
 
 class ResultRequest(_Strict):
+    """One small file from the job's ``outputs/``.
+
+    For an array job without its own ``summary.json`` (array tasks write
+    ``summary.<task>.json``), ``summary.json`` is answered with the task summaries gathered
+    into ``{"array_tasks": {"0": {...}, "1": {...}}}`` once every task has written one; while
+    some are missing the reply is NOT_FOUND naming them.
+    """
+
     job_id: JobKey
     name: OutputName = "summary.json"
 

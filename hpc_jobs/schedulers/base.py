@@ -6,6 +6,8 @@ fixed, small number of queries), never one call per job.
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,31 @@ from hpc_jobs.protocol import JobState, Resources
 
 class SchedulerError(Exception):
     """The scheduler refused or failed (message includes its stderr)."""
+
+
+class SchedulerTimeout(SchedulerError):
+    """A scheduler command did not answer in time: it may still have acted (an ``sbatch``
+    whose job slurmctld accepted), so the caller must look before it retries or discards."""
+
+
+#: PATH for scheduler commands when the gateway itself has none.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def scheduler_env(site: SiteConfig) -> dict[str, str]:
+    """The whole environment of a scheduler command (sbatch, squeue, sacct, scontrol, scancel)
+    or of the local scheduler's supervisor: PATH, LANG, HOME and, if the site sets
+    ``[slurm] conf``, SLURM_CONF. Nothing else from the gateway's environment: ``SBATCH_*``,
+    ``SLURM_*`` or ``SQUEUE_*`` variables there would silently change submissions and output
+    formats."""
+    env = {
+        "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+        "LANG": "C.UTF-8",
+        "HOME": pwd.getpwuid(os.getuid()).pw_dir,
+    }
+    if site.slurm.conf is not None:
+        env["SLURM_CONF"] = str(site.slurm.conf)
+    return env
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ Same job script, same job directory as with Slurm; a small supervisor process
 (``python -m hpc_jobs.schedulers.local <job_dir> <seconds>``) starts it detached, enforces the
 time limit (TIMEOUT), forwards cancellation (CANCELLED), runs array tasks with
 ``OMEFLOW_ARRAY_TASK_ID`` set, and keeps the state in ``<job_dir>/local_state.json``.
+The supervisor, and so the job, gets the same minimal environment as Slurm's commands
+(:func:`~hpc_jobs.schedulers.base.scheduler_env`), not the gateway's.
 The native id is the job id (the directory name).
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.fsutil import atomic_write
 from hpc_jobs.protocol import JobState, array_indices
-from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError
+from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError, scheduler_env
 
 STATE_FILE = "local_state.json"
 
@@ -82,6 +84,7 @@ class LocalScheduler:
                     stdout=log,
                     stderr=log,
                     cwd=spec.job_dir,
+                    env=scheduler_env(self.site),
                     start_new_session=True,
                     close_fds=True,
                 )

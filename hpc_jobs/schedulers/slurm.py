@@ -1,6 +1,7 @@
 """Slurm through its command-line tools: sbatch, squeue, sacct or scontrol, scancel.
 
-Every call is an argv list with a timeout (never a shell). ``status`` for any number of jobs
+Every call is an argv list with a timeout and an explicit, minimal environment
+(:func:`~hpc_jobs.schedulers.base.scheduler_env`; never a shell). ``status`` for any number of jobs
 costs one ``squeue`` call (the caller's own live jobs) plus, for jobs squeue no longer lists
 (or arrays, to count finished tasks), one ``sacct`` call when accounting is on, else one
 ``scontrol show job -o``. Parsing lives in pure functions so it is tested on real output
@@ -18,7 +19,13 @@ from dataclasses import dataclass, field
 
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.protocol import JobState, Resources
-from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError
+from hpc_jobs.schedulers.base import (
+    JobSpec,
+    NativeStatus,
+    SchedulerError,
+    SchedulerTimeout,
+    scheduler_env,
+)
 
 #: squeue output: one line per job / array task (``-r``), ``|``-separated; name last.
 SQUEUE_FORMAT = "%i|%F|%K|%T|%r|%M|%N|%j"
@@ -309,10 +316,10 @@ class SlurmScheduler:
         try:
             proc = self.runner(
                 list(argv), capture_output=True, text=True, timeout=self.timeout_s,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, env=scheduler_env(self.site),
             )
         except subprocess.TimeoutExpired:
-            raise SchedulerError(
+            raise SchedulerTimeout(
                 f"{argv[0]} did not answer within {self.timeout_s:.0f}s; is slurmctld up?"
             ) from None
         except FileNotFoundError:

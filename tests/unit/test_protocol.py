@@ -111,3 +111,18 @@ def test_job_directories_accept_only_one_safe_name(tmp_path) -> None:
     for bad in ("../job.json", "a/b", ".hidden", "x" * 129):
         with pytest.raises(JobDirError):
             job.read_output(bad, 100)
+
+
+@pytest.mark.parametrize(("spec", "fix"), [("5-1", "write 1-5"), ("0-3%0", "at least 1")])
+def test_array_spec_counting_down_or_running_nothing_is_refused(spec: str, fix: str) -> None:
+    from pydantic import ValidationError
+
+    from hpc_jobs.protocol import ResourceOverrides, SubmitRequest, array_indices
+
+    with pytest.raises(ValueError, match=fix):
+        array_indices(spec)
+    with pytest.raises(ValidationError, match=fix):
+        SubmitRequest.model_validate(
+            {"step": "cluster_check", "job_key": "k", "resources": {"array": spec}}, strict=True
+        )
+    assert ResourceOverrides(array="1-5").array == "1-5"

@@ -1,9 +1,16 @@
 """``omeflow-gateway``: the one program the orchestrator's SSH key may run.
 
-Installed in ``authorized_keys`` as::
+Installed in ``authorized_keys`` as (``omeflow keys create`` writes the line)::
 
-    command="/opt/omeflow/venv/bin/omeflow-gateway --config /etc/omeflow/site.toml",restrict,
-        from="10.0.0.5",expiry-time="20270101" ssh-ed25519 AAAA... omeflow:alice
+    command="/opt/omeflow/venv/bin/omeflow-gateway --config /etc/omeflow/site.toml
+        --caller alice",restrict,from="10.0.0.5",expiry-time="20270101" ssh-ed25519 AAAA...
+
+``--caller`` names the OMERO user the key belongs to. Every job is recorded with its caller
+(``job.json``) and belongs to it: ``status``, ``log``, ``result`` and ``cancel`` of another
+caller's job answer exactly as for a job that does not exist, and ``submit`` of a key another
+caller holds is a CONFLICT. Several keys can so share one HPC account. Without ``--caller``
+(the embedded default's local transport, or a single service key) the caller is
+:data:`~hpc_jobs.protocol.DEFAULT_CALLER` (``"local"``), a name no key may give explicitly.
 
 sshd runs it for every connection with the client's command line in ``SSH_ORIGINAL_COMMAND``.
 That command line must be exactly one verb (:data:`hpc_jobs.protocol.VERBS`); the request is a
@@ -14,7 +21,9 @@ object on stdout; a refusal exits non-zero with an :class:`~hpc_jobs.protocol.Er
 Nothing received is ever given to a shell, evaluated, or used as a path without validation:
 job ids are restricted identifiers mapped to ``<job_root>/<job_id>``, output names are single
 path components opened without following links. Secrets (OMERO session keys) go to a 0600 file
-in the job directory and nowhere else. Every call appends one line to the audit log.
+in the job directory and nowhere else. Every call appends one line to the audit log
+(``<job_root>/.audit.log`` unless the site sets ``audit_log``), caller included; a call the
+gateway cannot audit (the log cannot be opened for appending) is refused before it acts.
 
 For the embedded default (no SSH), the Airflow side runs this same program as a subprocess
 with ``SSH_ORIGINAL_COMMAND`` set, so both transports exercise identical code.
@@ -25,11 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -37,6 +47,7 @@ from hpc_jobs import __version__
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.jobdir import JobDir, JobDirError
 from hpc_jobs.protocol import (
+    DEFAULT_CALLER,
     MAX_BODY_BYTES,
     MAX_CHUNK_BYTES,
     REQUEST_MODELS,
@@ -56,9 +67,24 @@ from hpc_jobs.protocol import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    array_indices,
+    validate_caller,
 )
 from hpc_jobs.registry import STEPS, get_step
-from hpc_jobs.schedulers.base import JobSpec, Scheduler, SchedulerError, get_scheduler
+from hpc_jobs.schedulers.base import (
+    JobSpec,
+    Scheduler,
+    SchedulerError,
+    SchedulerTimeout,
+    get_scheduler,
+)
+
+#: Why a job id is unknown to this caller. The same words whether the directory never
+#: existed, was removed, or belongs to another caller: existence must not leak across callers.
+NO_SUCH_JOB = (
+    "no such job: {job_id} was never submitted by this caller, or its directory was removed "
+    "from the job root"
+)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -121,12 +147,20 @@ def validate_request(verb: str, obj: dict[str, Any]) -> BaseModel:
 
 
 class Gateway:
-    """Carries out one validated request against the site's scheduler and job root."""
+    """Carries out one validated request of one caller against the site's scheduler and job
+    root. Jobs of other callers are invisible to it."""
 
-    def __init__(self, site: SiteConfig, config_path: Path, scheduler: Scheduler | None = None):
+    def __init__(
+        self,
+        site: SiteConfig,
+        config_path: Path,
+        scheduler: Scheduler | None = None,
+        caller: str = DEFAULT_CALLER,
+    ):
         self.site = site
         self.config_path = config_path
         self._scheduler = scheduler
+        self.caller = caller
 
     @property
     def scheduler(self) -> Scheduler:
@@ -179,25 +213,38 @@ class Gateway:
         record = {
             "step": req.step,
             "job_key": req.job_key,
+            "caller": self.caller,
             "params": params.model_dump(mode="json"),
             "resources": resources.model_dump(mode="json"),
             "site_config": str(self.config_path.resolve()),
         }
+        taken = GatewayError(
+            ErrorCode.CONFLICT,
+            f"job key {req.job_key!r} was already used for a different request; use a new key "
+            "(Airflow derives one per task try)",
+        )
         with job.locked():
             existing = job.read_job_record()
-            if existing is None and job.request_path.exists():
-                # A previous submit died between creating the dir and recording the job id:
-                # reattach if the scheduler knows the job, else start over.
-                native = self.scheduler.find_by_name(req.job_key)
-                if native is not None:
-                    existing = job.write_job_record(record, native, self.site.scheduler)
+            if existing is None:
+                try:
+                    pending = job.read_request()
+                except FileNotFoundError:
+                    pending = None
+                if pending is not None and JobDir.owner(pending) != self.caller:
+                    raise taken
+                if pending is not None:
+                    # A previous submit died (or sbatch timed out) between creating the dir
+                    # and recording the job id: reattach if the scheduler knows the job, else
+                    # start over.
+                    native = self._find(req.job_key)
+                    if native is not None:
+                        existing = job.write_job_record(record, native, self.site.scheduler)
             if existing is not None:
-                if existing["fingerprint"] != job.fingerprint(record):
-                    raise GatewayError(
-                        ErrorCode.CONFLICT,
-                        f"job key {req.job_key!r} was already used for a different request; "
-                        "use a new key (Airflow derives one per task try)",
-                    )
+                if (
+                    JobDir.owner(existing) != self.caller
+                    or existing["fingerprint"] != job.fingerprint(record)
+                ):
+                    raise taken
                 state = self._status_of([req.job_key])[0].state
                 return SubmitReply(
                     job_id=req.job_key, native_id=existing["native_id"], created=False, state=state
@@ -214,6 +261,19 @@ class Gateway:
                         site=self.site,
                     )
                 )
+            except SchedulerTimeout as exc:
+                # slurmctld may have accepted the job and only the answer was lost: look for it
+                # by name before anything else. The job directory stays either way, so a
+                # resubmit with the same key reattaches instead of submitting a second job.
+                found = self._find(req.job_key, after=str(exc))
+                if found is None:
+                    raise GatewayError(
+                        ErrorCode.SCHEDULER_ERROR,
+                        f"submit timed out ({exc}) and the scheduler lists no job named "
+                        f"{req.job_key!r}; submit again with the same job key (it reattaches "
+                        "if the job shows up, else submits it once)",
+                    ) from None
+                native = found
             except SchedulerError as exc:
                 job.discard()
                 raise GatewayError(ErrorCode.SCHEDULER_ERROR, f"submit failed: {exc}") from None
@@ -221,6 +281,20 @@ class Gateway:
         return SubmitReply(
             job_id=req.job_key, native_id=native, created=True, state=JobState.PENDING
         )
+
+    def _find(self, job_key: str, after: str | None = None) -> str | None:
+        """The scheduler's id of the job named ``job_key``, or None. A failed look-up is a
+        SCHEDULER_ERROR that keeps the job directory (the same key can be resubmitted)."""
+        try:
+            return self.scheduler.find_by_name(job_key)
+        except SchedulerError as exc:
+            first = f"submit timed out ({after}) and " if after else ""
+            raise GatewayError(
+                ErrorCode.SCHEDULER_ERROR,
+                f"{first}looking up job {job_key!r} by name failed: {exc}; submit again with "
+                "the same job key once the scheduler answers (never with a new key: the first "
+                "job may exist)",
+            ) from None
 
     def status(self, req: StatusRequest) -> StatusReply:
         return StatusReply(jobs=self._status_of(req.job_ids))
@@ -257,6 +331,9 @@ class Gateway:
         try:
             raw = job.read_output(req.name, MAX_CHUNK_BYTES)
         except FileNotFoundError:
+            spec = job.array_spec()
+            if req.name == "summary.json" and spec:
+                return self._array_summary(job, spec)
             raise GatewayError(
                 ErrorCode.NOT_FOUND,
                 f"job {req.job_id} has no output {req.name!r} (did the job finish successfully?)",
@@ -270,16 +347,55 @@ class Gateway:
         return ResultReply(job_id=req.job_id, name=req.name, text=text)
 
     # -- helpers --------------------------------------------------------------------------
+    def _array_summary(self, job: JobDir, spec: str) -> ResultReply:
+        """``summary.json`` of an array job: every task's ``summary.<task>.json`` gathered into
+        ``{"array_tasks": {"<task>": {...}}}``; NOT_FOUND naming the tasks still missing."""
+        tasks: dict[str, Any] = {}
+        missing: list[int] = []
+        total = 0
+        for task in array_indices(spec):
+            try:
+                raw = job.read_output(f"summary.{task}.json", MAX_CHUNK_BYTES - total)
+            except FileNotFoundError:
+                missing.append(task)
+                continue
+            total += len(raw)
+            try:
+                tasks[str(task)] = json.loads(raw)
+            except ValueError:
+                tasks[str(task)] = raw.decode("utf-8", errors="replace")
+        if missing:
+            raise GatewayError(
+                ErrorCode.NOT_FOUND,
+                f"job {job.job_id} is an array ({spec}) without summary.json, and "
+                f"{len(missing)} of {len(array_indices(spec))} tasks wrote no "
+                f"summary.<task>.json (tasks {_task_list(missing)}; did they finish "
+                "successfully?)",
+            )
+        return ResultReply(job_id=job.job_id, name="summary.json", data={"array_tasks": tasks})
+
     def _record(self, job: JobDir) -> dict[str, Any]:
-        record = job.read_job_record()
+        """The job's record if it belongs to this caller; NOT_FOUND (as for a missing job)
+        otherwise."""
+        record = self._owned_record(job)
         if record is None:
-            raise GatewayError(ErrorCode.NOT_FOUND, f"no job with id {job.job_id!r}")
+            raise GatewayError(ErrorCode.NOT_FOUND, NO_SUCH_JOB.format(job_id=job.job_id))
+        return record
+
+    def _owned_record(self, job: JobDir) -> dict[str, Any] | None:
+        record = job.read_job_record()
+        if record is None or JobDir.owner(record) != self.caller:
+            return None
         return record
 
     def _status_of(self, job_ids: list[str]) -> list[JobStatus]:
         records: dict[str, dict[str, Any] | None] = {}
+        refused: dict[str, str] = {}
         for job_id in job_ids:
-            records[job_id] = self.job(job_id).read_job_record()
+            try:
+                records[job_id] = self._owned_record(self.job(job_id))
+            except JobDirError as exc:
+                records[job_id], refused[job_id] = None, str(exc)
         natives = [r["native_id"] for r in records.values() if r]
         try:
             found = self.scheduler.status(natives) if natives else {}
@@ -288,30 +404,15 @@ class Gateway:
         out: list[JobStatus] = []
         for job_id, record in records.items():
             if record is None:
-                out.append(JobStatus(job_id=job_id, state=JobState.UNKNOWN, reason="no such job"))
+                reason = refused.get(job_id) or NO_SUCH_JOB.format(job_id=job_id)
+                out.append(JobStatus(job_id=job_id, state=JobState.UNKNOWN, reason=reason))
                 continue
             native_id = record["native_id"]
             ns = found.get(native_id)
             if ns is None:
                 # The scheduler forgot the job (accounting off, past MinJobAge): the job's own
-                # exit marker is the last word.
-                marker = self.job(job_id).read_exit_marker()
-                if marker is not None:
-                    code = int(marker.get("exit_code", 1))
-                    state = JobState.COMPLETED if code == 0 else JobState.FAILED
-                    out.append(
-                        JobStatus(
-                            job_id=job_id, native_id=native_id, state=state, exit_code=code,
-                            reason="from the job's exit marker", elapsed_s=marker.get("elapsed_s"),
-                        )
-                    )
-                else:
-                    out.append(
-                        JobStatus(
-                            job_id=job_id, native_id=native_id, state=JobState.UNKNOWN,
-                            reason="the scheduler no longer knows this job",
-                        )
-                    )
+                # exit markers are the last word.
+                out.append(self._from_exit_markers(self.job(job_id), native_id))
                 continue
             out.append(
                 JobStatus(
@@ -326,53 +427,153 @@ class Gateway:
             )
         return out
 
+    def _from_exit_markers(self, job: JobDir, native_id: str) -> JobStatus:
+        """Status of a job the scheduler no longer knows, from the exit markers the job wrote
+        (``exit.json``, or ``exit.<task>.json`` per array task)."""
+        forgotten = "the scheduler no longer knows this job"
+        spec = job.array_spec()
+        if not spec:
+            marker = job.read_exit_marker()
+            if marker is None:
+                return JobStatus(
+                    job_id=job.job_id, native_id=native_id, state=JobState.UNKNOWN,
+                    reason=f"{forgotten} and it left no exit marker (killed before it ended?)",
+                )
+            code = _marker_code(marker)
+            return JobStatus(
+                job_id=job.job_id, native_id=native_id,
+                state=JobState.COMPLETED if code == 0 else JobState.FAILED, exit_code=code,
+                reason="from the job's exit marker", elapsed_s=marker.get("elapsed_s"),
+            )
+        tasks = array_indices(spec)
+        markers = {t: job.read_exit_marker(t) for t in tasks}
+        missing = [t for t, m in markers.items() if m is None]
+        if missing:
+            return JobStatus(
+                job_id=job.job_id, native_id=native_id, state=JobState.UNKNOWN,
+                reason=f"{forgotten}; {len(missing)} of {len(tasks)} array tasks left no exit "
+                f"marker (tasks {_task_list(missing)})",
+            )
+        codes = {t: _marker_code(m) for t, m in markers.items() if m is not None}
+        failed = [t for t, c in codes.items() if c != 0]
+        elapsed = [m["elapsed_s"] for m in markers.values() if m and "elapsed_s" in m]
+        return JobStatus(
+            job_id=job.job_id,
+            native_id=native_id,
+            state=JobState.FAILED if failed else JobState.COMPLETED,
+            exit_code=max((codes[t] for t in failed), default=0),
+            reason="from the array tasks' exit markers"
+            + (f"; tasks {_task_list(failed)} failed" if failed else ""),
+            elapsed_s=max(elapsed) if elapsed else None,
+            array_states={
+                k: v
+                for k, v in (("COMPLETED", len(codes) - len(failed)), ("FAILED", len(failed)))
+                if v
+            },
+        )
 
-def _audit(site: SiteConfig | None, entry: dict[str, Any]) -> None:
-    """Append one JSON line per call. Never the request body."""
-    if site is None:
-        return
-    try:
+
+def _marker_code(marker: dict[str, Any]) -> int:
+    """Exit code of an exit marker; a marker without a usable one counts as a failure."""
+    code = marker.get("exit_code")
+    return code if isinstance(code, int) and not isinstance(code, bool) else 1
+
+
+def _task_list(tasks: list[int], limit: int = 10) -> str:
+    """``0, 3, 7`` (at most ``limit`` ids, then ``... (+N more)``)."""
+    shown = ", ".join(str(t) for t in tasks[:limit])
+    return shown + (f" ... (+{len(tasks) - limit} more)" if len(tasks) > limit else "")
+
+
+class AuditLog:
+    """The gateway's append-only audit log, opened before a call acts.
+
+    :meth:`open` refuses (``GatewayError``, CONFIG_ERROR naming the path and the fix) when the
+    log cannot be opened for appending or is not a regular file: the gateway does not act on a
+    call it cannot audit. One JSON line per call; never the request body.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def open(cls, site: SiteConfig, config_path: Path) -> AuditLog:
         path = site.audit_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
-    except OSError as exc:  # auditing must not turn a good call into a failure
-        print(f"omeflow-gateway: cannot write audit log: {exc}", file=sys.stderr)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NONBLOCK: a FIFO without a reader fails instead of hanging the gateway
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError as exc:
+            raise cls._refusal(path, config_path, exc.strerror or str(exc)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise cls._refusal(path, config_path, "not a regular file")
+        return cls(path, fd)
+
+    @staticmethod
+    def _refusal(path: Path, config_path: Path, why: str) -> GatewayError:
+        return GatewayError(
+            ErrorCode.CONFIG_ERROR,
+            f"cannot append to the audit log {path} ({why}); the gateway acts only on calls it "
+            f"can audit. The HPC admin must make {path} a file the gateway's account can "
+            f"append to, or set audit_log in {config_path} to one",
+        )
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Append one line. A failure now (the call already acted) is reported on stderr."""
+        try:
+            os.write(self._fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            print(f"omeflow-gateway: cannot write audit log {self.path}: {exc}", file=sys.stderr)
+        finally:
+            os.close(self._fd)
 
 
-def handle(verb: str | None, body: bytes, config_path: Path) -> tuple[dict[str, Any], int]:
-    """Process one call; returns (reply object, exit status). Never raises."""
+def handle(
+    verb: str | None, body: bytes, config_path: Path, caller: str | None = None
+) -> tuple[dict[str, Any], int]:
+    """Process one call of ``caller`` (None: :data:`~hpc_jobs.protocol.DEFAULT_CALLER`);
+    returns (reply object, exit status). Never raises."""
     started = time.time()
     site: SiteConfig | None = None
+    audit: AuditLog | None = None
     entry: dict[str, Any] = {
         "time": round(started, 3),
         "verb": verb if verb in VERBS else "?",
+        "caller": DEFAULT_CALLER if caller is None else "?",
         "client": (os.environ.get("SSH_CONNECTION") or "local").split(" ")[0],
         "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
         "bytes": len(body),
     }
-    site_error: GatewayError | None = None
     try:
         site = SiteConfig.load(config_path)
-    except GatewayError as exc:
-        site_error = exc
-    try:
+        audit = AuditLog.open(site, config_path)
+        if caller is not None:
+            try:
+                entry["caller"] = validate_caller(caller)
+            except ValueError as exc:
+                raise GatewayError(
+                    ErrorCode.CONFIG_ERROR,
+                    f"the forced command's --caller is invalid: {exc}; the HPC admin must fix "
+                    "this key's line in authorized_keys (omeflow keys create writes it)",
+                ) from None
         if verb is None or verb not in VERBS:
             raise GatewayError(
                 ErrorCode.BAD_VERB,
                 "this key runs the omeflow gateway only; the command must be exactly one of: "
                 + ", ".join(VERBS),
             )
-        if site_error is not None:
-            raise site_error
         request = validate_request(verb, parse_body(body))
         for field in ("job_key", "job_id", "step"):
             if hasattr(request, field):
                 entry[field] = getattr(request, field)
         if isinstance(request, StatusRequest):
             entry["jobs"] = len(request.job_ids)
-        gateway = Gateway(site, config_path)
+        gateway = Gateway(site, config_path, caller=entry["caller"])
         reply = getattr(gateway, verb)(request)
         entry.update(ok=True)
         status = 0
@@ -395,17 +596,44 @@ def handle(verb: str | None, body: bytes, config_path: Path) -> tuple[dict[str, 
         )
         status = 3
     entry["ms"] = round((time.time() - started) * 1000, 1)
-    _audit(site, entry)
+    if audit is not None:
+        audit.write(entry)
     return out, status
+
+
+class _ArgvError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage: the forced command's argv is the HPC
+    admin's, and even its mistakes get one JSON error on stdout."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgvError(message)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (the forced command)."""
-    parser = argparse.ArgumentParser(prog="omeflow-gateway", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="omeflow-gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="site configuration (TOML)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--caller", default=None,
+        help=f"OMERO user this key belongs to (default: {DEFAULT_CALLER!r}, the embedded "
+        "default); jobs are visible to their caller only",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except _ArgvError as exc:
+        reply = GatewayError(
+            ErrorCode.CONFIG_ERROR,
+            f"the forced command line is invalid ({exc}); the HPC admin must fix this key's "
+            "line in authorized_keys: omeflow-gateway --config SITE.toml [--caller OMERO_USER]",
+        ).reply().model_dump(mode="json")
+        sys.stdout.write(json.dumps(reply) + "\n")
+        return 2
     body = sys.stdin.buffer.read(MAX_BODY_BYTES + 1) if not sys.stdin.closed else b""
-    reply, status = handle(os.environ.get("SSH_ORIGINAL_COMMAND"), body, args.config)
+    reply, status = handle(os.environ.get("SSH_ORIGINAL_COMMAND"), body, args.config, args.caller)
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
     return status

@@ -6,26 +6,37 @@
         request.json   0600  step, validated params, resources, site config path
         secrets.json   0600  OMERO session key (only if one was sent)
         job.py         0700  the job script: a Python file with an absolute shebang (no shell)
-        job.json       0600  native (scheduler) id, request fingerprint, submit time
+        job.json       0600  native (scheduler) id, caller, request fingerprint, submit time
         job.log              stdout + stderr of the job (Slurm --output)
-        exit.json            written by the job itself when it ends (exit code, elapsed)
+        exit.json            written by the job itself when it ends (exit code, elapsed);
+                             array tasks write exit.<task>.json
         outputs/             step outputs; outputs/summary.json is returned by ``result``
+                             (array tasks: outputs/summary.<task>.json)
+
+Files are read through a descriptor of the job directory (and of ``outputs/``) opened with
+``O_DIRECTORY | O_NOFOLLOW``, each file relative to it without following links: a job
+directory or ``outputs/`` that is a symbolic link is refused, not followed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hpc_jobs.fsutil import atomic_write, file_lock
-from hpc_jobs.protocol import SAFE_NAME_RE, Secrets
+from hpc_jobs.protocol import DEFAULT_CALLER, SAFE_NAME_RE, Secrets
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _safe_name(name: object, max_length: int) -> bool:
@@ -131,6 +142,7 @@ class JobDir:
         data = {
             "job_id": self.job_id,
             "step": record["step"],
+            "caller": record["caller"],
             "native_id": native_id,
             "scheduler": scheduler,
             "submitted_at": time.time(),
@@ -139,26 +151,98 @@ class JobDir:
         atomic_write(self.record_path, json.dumps(data, indent=2, sort_keys=True))
         return data
 
-    # -- reading --------------------------------------------------------------------------
+    @staticmethod
+    def owner(record: dict[str, Any]) -> str:
+        """The caller a job (or request) record belongs to; records written before callers
+        existed belong to :data:`~hpc_jobs.protocol.DEFAULT_CALLER`."""
+        return str(record.get("caller") or DEFAULT_CALLER)
+
+    # -- reading (through directory descriptors, no link followed) ------------------------
+    @contextlib.contextmanager
+    def _dir_fd(self, outputs: bool = False) -> Iterator[int]:
+        """A descriptor of the job directory (or its ``outputs/``), refusing links.
+
+        ``FileNotFoundError`` when it does not exist, :class:`JobDirError` when it is a
+        symbolic link or not a directory.
+        """
+        fd = self._open_dir(self.path, None)
+        try:
+            if outputs:
+                sub = self._open_dir(Path("outputs"), fd)
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, path: Path, dir_fd: int | None) -> int:
+        try:
+            return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                where = self.path if dir_fd is None else self.path / path
+                raise JobDirError(
+                    f"{where} is a symbolic link or not a directory; refused. The HPC admin "
+                    "must replace it with a real directory (or remove the job)"
+                ) from None
+            raise
+
+    def _open_file(self, name: str, outputs: bool = False) -> int:
+        """A read descriptor of one file of the job, opened relative to the directory's."""
+        with self._dir_fd(outputs) as dfd:
+            try:
+                return os.open(name, _FILE_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise JobDirError(f"{name} is a symbolic link; refused") from None
+                raise
+
+    def _read(self, name: str, outputs: bool = False) -> bytes:
+        """Bytes of one file of the job (``FileNotFoundError`` if it or the dir is missing)."""
+        fd = self._open_file(name, outputs)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise FileNotFoundError(name)
+            return fh.read()
+
+    def _read_json(self, name: str, outputs: bool = False) -> Any:
+        return json.loads(self._read(name, outputs))
+
+    def exists(self) -> bool:
+        """Whether the job directory exists (a link there raises :class:`JobDirError`)."""
+        try:
+            with self._dir_fd():
+                return True
+        except FileNotFoundError:
+            return False
+
     def read_job_record(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.record_path.read_text())
+            return self._read_json("job.json")
         except FileNotFoundError:
             return None
 
     def read_request(self) -> dict[str, Any]:
-        return json.loads(self.request_path.read_text())
+        return self._read_json("request.json")
+
+    def array_spec(self) -> str | None:
+        """The array spec the job was submitted with (None for a plain job)."""
+        try:
+            return self.read_request().get("resources", {}).get("array")
+        except FileNotFoundError:
+            return None
 
     def read_secrets(self) -> Secrets:
         try:
-            return Secrets.model_validate_json(self.secrets_path.read_text())
+            return Secrets.model_validate_json(self._read("secrets.json"))
         except FileNotFoundError:
             return Secrets()
 
-    def read_exit_marker(self) -> dict[str, Any] | None:
+    def read_exit_marker(self, task: int | None = None) -> dict[str, Any] | None:
+        """The exit marker of the job (or of one array task); None while it is missing."""
         try:
-            return json.loads(self.exit_marker_path().read_text())
-        except (FileNotFoundError, ValueError):
+            return self._read_json(self.exit_marker_path(task).name)
+        except (FileNotFoundError, ValueError, JobDirError):  # a linked marker is no marker
             return None
 
     def write_exit_marker(self, exit_code: int, elapsed_s: float, task: int | None = None) -> None:
@@ -168,7 +252,7 @@ class JobDir:
     def read_log(self, offset: int, max_bytes: int) -> tuple[int, int, bytes]:
         """(file size, start offset, bytes) of the job log; negative offset = last bytes."""
         try:
-            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = self._open_file("job.log")
         except FileNotFoundError:
             return 0, 0, b""
         with os.fdopen(fd, "rb") as fh:
@@ -178,10 +262,11 @@ class JobDir:
             return size, start, fh.read(max_bytes)
 
     def read_output(self, name: str, max_bytes: int) -> bytes:
-        """Bytes of ``outputs/<name>``: one plain file, links not followed, size-capped."""
+        """Bytes of ``outputs/<name>``: one plain file, links not followed (neither the job
+        directory, nor ``outputs/``, nor the file), size-capped."""
         if not _safe_name(name, 128):
             raise JobDirError("output name must be one file name of A-Z a-z 0-9 _ . = -")
-        fd = os.open(self.outputs / name, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = self._open_file(name, outputs=True)
         with os.fdopen(fd, "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):

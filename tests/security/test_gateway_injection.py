@@ -3,7 +3,8 @@
 Every case tries to run ``touch <canary>`` (shell metacharacters, command substitution, path
 tricks, unicode look-alikes, type confusion, oversized and malformed bodies). Each must get a
 JSON error and a non-zero exit, and afterwards no canary may exist and nothing may have been
-written outside the job root's bookkeeping.
+written outside the job root's bookkeeping. The forced command's ``--caller`` gets the same
+treatment, and one caller's jobs must look, to any other caller, like jobs that do not exist.
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ def canary(tag: str) -> str:
     return str(CANARY_DIR / f"pwned-{tag}")
 
 
-def _call(config: Path, verb: str | None, body: bytes, env_extra: dict | None = None):
+def _call(
+    config: Path,
+    verb: str | None,
+    body: bytes,
+    env_extra: dict | None = None,
+    caller: str | None = None,
+):
     env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
     if verb is not None:
         env["SSH_ORIGINAL_COMMAND"] = verb
     env.update(env_extra or {})
     proc = subprocess.run(
-        GATEWAY + ["--config", str(config)],
+        GATEWAY + ["--config", str(config)] + ([] if caller is None else ["--caller", caller]),
         input=body,
         env=env,
         capture_output=True,
@@ -180,6 +187,7 @@ def ok_job(site: Path) -> Path:
 
 def test_battery_has_at_least_60_cases() -> None:
     assert len(HOSTILE_VERBS) + len(HOSTILE_SUBMITS) + len(HOSTILE_OTHER) >= 60
+    assert len(HOSTILE_CALLERS) >= 20
 
 
 def _assert_refused(proc: subprocess.CompletedProcess, what: str) -> dict:
@@ -234,6 +242,85 @@ def test_hostile_reads_are_refused(
     assert "0123456789abcdef-sess" not in json.dumps(reply), f"{name}: leaked the session key"
 
 
+# -- callers: the forced command's --caller, and one caller's jobs against another -------------
+HOSTILE_CALLERS = [
+    f"bob;touch {C}",
+    f"$(touch {C})",
+    f"`touch {C}`",
+    f"bob && touch {C}",
+    "../alice",
+    "alice/x",
+    "local",  # reserved for calls without --caller
+    "",
+    "-rf",
+    "--config=/etc/passwd",
+    "a b",
+    "alice\n",
+    "alice\r",
+    "alice,bob",
+    '"alice"',
+    ".hidden",
+    "alice*",
+    "x" * 65,
+    "\uff41lice",  # fullwidth a
+    "al\u0131ce",  # dotless i
+]
+
+
+@pytest.mark.parametrize("caller", HOSTILE_CALLERS, ids=[repr(c)[:30] for c in HOSTILE_CALLERS])
+def test_hostile_callers_are_refused(site: Path, ok_job: Path, caller: str) -> None:
+    before = sorted(p.name for p in (site.parent / "jobs").iterdir())
+    probes = (("submit", sub(job_key="caller-probe")), ("status", b'{"job_ids":["ok-key"]}'))
+    for verb, body in probes:
+        reply = _assert_refused(_call(site, verb, body, caller=caller), repr(caller))
+        assert reply["error"]["code"] == "CONFIG_ERROR", reply
+        assert "authorized_keys" in reply["error"]["message"]  # the admin's fix
+    after = sorted(p.name for p in (site.parent / "jobs").iterdir())
+    assert after == before
+
+
+def _as_missing(reply: dict, job_id: str) -> str:
+    return json.dumps(reply).replace(job_id, "<id>")
+
+
+def test_a_caller_cannot_see_or_touch_another_callers_job(site: Path, ok_job: Path) -> None:
+    """alice's job looks exactly like a job that does not exist, to bob and to the default
+    caller: status, log, result, cancel; and bob cannot take its key with a submit."""
+    body = sub(job_key="alice-job", params={"sleep_s": 60})
+    proc = _call(site, "submit", body, caller="alice")
+    assert proc.returncode == 0, proc.stdout
+    try:
+        for intruder in ("bob", None):
+            for verb, template in (
+                ("status", '{"job_ids": ["%s"]}'),
+                ("log", '{"job_id": "%s"}'),
+                ("result", '{"job_id": "%s"}'),
+                ("cancel", '{"job_id": "%s"}'),
+            ):
+                theirs = _call(site, verb, (template % "alice-job").encode(), caller=intruder)
+                missing = _call(site, verb, (template % "never-was").encode(), caller=intruder)
+                assert theirs.returncode == missing.returncode, (intruder, verb)
+                assert _as_missing(json.loads(theirs.stdout), "alice-job") == _as_missing(
+                    json.loads(missing.stdout), "never-was"
+                ), (intruder, verb, theirs.stdout)
+            taken = _assert_refused(_call(site, "submit", body, caller=intruder), "submit")
+            assert taken["error"]["code"] == "CONFLICT"
+        # bob's cancel did nothing: alice's job still runs, and alice sees it
+        mine = _call(site, "status", b'{"job_ids": ["alice-job"]}', caller="alice")
+        mine = json.loads(mine.stdout)
+        assert mine["jobs"][0]["state"] in ("PENDING", "RUNNING"), mine
+        # the default caller's job is hidden from bob in the same way
+        bobs = json.loads(_call(site, "status", b'{"job_ids": ["ok-key"]}', caller="bob").stdout)
+        assert bobs["jobs"][0]["state"] == "UNKNOWN"
+    finally:
+        _call(site, "cancel", b'{"job_id": "alice-job"}', caller="alice")
+    record = json.loads((site.parent / "jobs" / "alice-job" / "job.json").read_text())
+    assert record["caller"] == "alice"
+    audit = SiteConfig.load(site).audit_path.read_text().splitlines()
+    callers = {json.loads(line).get("caller") for line in audit}
+    assert {"alice", "bob", "local"} <= callers
+
+
 def test_no_canary_and_secret_stays_in_its_file(site: Path, ok_job: Path) -> None:
     # runs last in this module (pytest keeps file order)
     assert not list(CANARY_DIR.glob("pwned-*")), "a hostile input executed a command"
@@ -244,6 +331,6 @@ def test_no_canary_and_secret_stays_in_its_file(site: Path, ok_job: Path) -> Non
     for path in ok_job.rglob("*"):
         if path.is_file() and not path.is_symlink() and path != secrets_file:
             assert secret not in path.read_text(errors="replace"), f"session key leaked into {path}"
-    audit = (site.parent / "jobs" / "audit.log").read_text()
+    audit = SiteConfig.load(site).audit_path.read_text()
     assert secret not in audit
     assert len(audit.splitlines()) >= 60, "every call leaves an audit line"

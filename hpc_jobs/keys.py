@@ -6,9 +6,18 @@ gateway. The store is a directory (``$OMEFLOW_KEYS_DIR`` or ``~/.config/omeflow/
 mode 0700) holding, per OMERO user, a JSON record and the private key file (mode 0600)::
 
     keys/
-      alice.json               # record: users, host, key history (fingerprints, dates, status)
-      alice/id_ed25519_<ts>    # private key of the active key (0600)
-      alice/id_ed25519_<ts>.pub
+      alice.json                    # record: users, host, key history (fingerprints, dates)
+      alice.keys/id_ed25519_<ts>    # private key of the active key (0600)
+      alice.keys/id_ed25519_<ts>.pub
+
+(Records end in ``.json``, key folders in ``.keys``: no user's folder can take the name of
+another user's record, e.g. user ``bob.json``'s folder and user ``bob``'s record.)
+
+The forced command names the key's OMERO user (``--caller alice``): the gateway records each
+job with its caller and shows a caller only its own jobs, so several users' keys can share one
+HPC account. Keys expire with sshd's ``expiry-time`` (a date means 00:00 of that day in the
+HPC host's time zone); omeflow stops using a key once its expiry date has begun anywhere
+(:func:`key_expired`), so it never offers a key sshd refuses.
 
 Commands print authorized_keys lines (what the HPC admin must add or remove) and tables; a
 private key is never printed or logged.
@@ -33,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from hpc_jobs.fsutil import atomic_write
+from hpc_jobs.protocol import validate_caller
 
 # ---------------------------------------------------------------------------------------------
 # Validation (always ``fullmatch``: with ``match``, ``$`` also accepts a trailing newline, which
 # would split an authorized_keys line)
 # ---------------------------------------------------------------------------------------------
-_OMERO_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _HPC_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_./+@-]*$")
@@ -53,13 +62,12 @@ class KeyStoreError(ValueError):
 
 
 def validate_omero_user(name: str) -> str:
-    """An OMERO user name: letters, digits, ``_ . @ -``, at most 64 characters."""
-    if not isinstance(name, str) or not _OMERO_USER_RE.fullmatch(name):
-        raise KeyStoreError(
-            f"invalid OMERO user name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . @ -, "
-            "starting with a letter or digit"
-        )
-    return name
+    """An OMERO user name, which becomes the key's gateway caller: letters, digits,
+    ``_ . @ -``, at most 64 characters (:func:`hpc_jobs.protocol.validate_caller`)."""
+    try:
+        return validate_caller(name)
+    except ValueError as exc:
+        raise KeyStoreError(f"invalid OMERO user name: {exc}") from None
 
 
 def validate_hpc_user(name: str) -> str:
@@ -152,17 +160,23 @@ def authorized_keys_line(
     from_: str | Sequence[str] | None = None,
     expiry: dt.date | None = None,
     comment: str | None = None,
+    caller: str | None = None,
 ) -> str:
     """The ``authorized_keys`` line that binds ``public_key`` to the forced gateway command.
 
-    ``command="<gateway> --config <config>",restrict[,from="<ips>"][,expiry-time="YYYYMMDD"]
-    <type> <base64> <comment>``. Every input is validated: nothing the caller passes can add
+    ``command="<gateway> --config <config> [--caller <omero user>]",restrict[,from="<ips>"]
+    [,expiry-time="YYYYMMDD"] <type> <base64> <comment>``. ``caller`` (the key's OMERO user)
+    makes the gateway show this key only its own jobs; without it the key acts as the
+    embedded default's caller. Every input is validated: nothing the caller passes can add
     options or break out of the quoted values.
     """
     ktype, blob, key_comment = validate_public_key(public_key)
     gw = validate_abs_path(gateway, "gateway path")
     cfg = validate_abs_path(config, "site config path")
-    options = [f'command="{gw} --config {cfg}"', "restrict"]
+    command = f"{gw} --config {cfg}"
+    if caller is not None:
+        command += f" --caller {validate_omero_user(caller)}"
+    options = [f'command="{command}"', "restrict"]
     nets = validate_from(from_)
     if nets:
         options.append(f'from="{",".join(nets)}"')
@@ -245,7 +259,24 @@ def default_keys_dir() -> Path:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)  # noqa: UP017 (3.10)
+
+
+#: The most any time zone is ahead of UTC (Kiribati, UTC+14).
+_MAX_UTC_OFFSET = dt.timedelta(hours=14)
+
+
+def key_expired(expires: str | None, now: dt.datetime | None = None) -> bool:
+    """Whether sshd may already refuse a key with ``expiry-time`` = ``expires`` (ISO date).
+
+    sshd reads a ``YYYYMMDD`` expiry as 00:00 of that day in the HPC host's time zone, which
+    omeflow does not know: the key counts as expired from the moment its expiry date has begun
+    anywhere (UTC+14), so a key is never offered on the day sshd refuses it.
+    """
+    if not expires:
+        return False
+    latest_local = ((now or _now()) + _MAX_UTC_OFFSET).date()
+    return dt.date.fromisoformat(expires) <= latest_local
 
 
 @dataclass
@@ -271,6 +302,10 @@ class KeyStore:
     def record_path(self, omero_user: str) -> Path:
         return Path(self.root) / f"{validate_omero_user(omero_user)}.json"
 
+    def key_dir(self, omero_user: str) -> Path:
+        """Folder of the user's private keys (``.keys``: never a record's name)."""
+        return Path(self.root) / f"{validate_omero_user(omero_user)}.keys"
+
     def load(self, omero_user: str) -> dict[str, Any] | None:
         path = self.record_path(omero_user)
         if not path.exists():
@@ -285,17 +320,18 @@ class KeyStore:
         root = Path(self.root)
         if not root.exists():
             return []
-        return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))]
+        return [json.loads(p.read_text()) for p in sorted(root.glob("*.json")) if p.is_file()]
 
     # -- operations -----------------------------------------------------------------------
     def _new_key(self, record: dict[str, Any], days: int | None) -> dict[str, Any]:
         created = _now()
         user = record["omero_user"]
         stamp = created.strftime("%Y%m%dT%H%M%S")
-        key_path = Path(self.root) / user / f"id_ed25519_{stamp}"
+        folder = self.key_dir(user)
+        key_path = folder / f"id_ed25519_{stamp}"
         n = 1
         while key_path.exists():
-            key_path = Path(self.root) / user / f"id_ed25519_{stamp}_{n}"
+            key_path = folder / f"id_ed25519_{stamp}_{n}"
             n += 1
         key_path.parent.mkdir(mode=0o700, exist_ok=True)
         os.chmod(key_path.parent, 0o700)
@@ -303,7 +339,8 @@ class KeyStore:
         public = generate_keypair(key_path, comment)
         expires = (created + dt.timedelta(days=days)).date() if days else None
         line = authorized_keys_line(
-            public, record["gateway"], record["config"], record["from"] or None, expires, comment
+            public, record["gateway"], record["config"], record["from"] or None, expires, comment,
+            caller=user,
         )
         return {
             "fingerprint": fingerprint(public),
@@ -396,7 +433,7 @@ class KeyStore:
         entry = _active(record) if record else None
         if entry is None:
             return None
-        if entry["expires"] and dt.date.fromisoformat(entry["expires"]) < _now().date():
+        if key_expired(entry["expires"]):
             return None
         return Path(entry["key_file"])
 
@@ -500,7 +537,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         for entry in rec.get("keys", []):
             status = entry["status"]
             expires = entry["expires"]
-            if status == "active" and expires and dt.date.fromisoformat(expires) < _now().date():
+            if status == "active" and key_expired(expires):
                 status = "expired"
             rows.append(
                 (

@@ -38,6 +38,7 @@ def sandbox_env() -> dict[str, Any]:
         "store": str(P.STORE),
         "python": str(P.HPC_PYTHON),
         "gateway": str(P.HPC_GATEWAY),
+        "caller": P.CALLER,
         "partition": P.PARTITION,
     }
 

@@ -41,6 +41,8 @@ HPC_GATEWAY = HPC_VENV / "bin" / "omeflow-gateway"
 TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
 
 USER = "omeflow"
+#: The gateway caller of the orchestrator's key (``--caller`` on its forced command line).
+CALLER = "airflow"
 HOST = "127.0.0.1"
 SSH_PORT = 2222
 PARTITION = "debug"

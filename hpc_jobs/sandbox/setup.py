@@ -424,7 +424,9 @@ def ensure_client_key(pw: pwd.struct_passwd) -> None:
         generate_keypair(P.CLIENT_KEY, "omeflow-sandbox-client")
     P.CLIENT_KEY.chmod(0o600)
     public = P.CLIENT_KEY.with_suffix(".pub").read_text().strip()
-    line = authorized_keys_line(public, P.HPC_GATEWAY, P.SITE_TOML, from_="127.0.0.1")
+    line = authorized_keys_line(
+        public, P.HPC_GATEWAY, P.SITE_TOML, from_="127.0.0.1", caller=P.CALLER
+    )
     ssh_dir = Path(pw.pw_dir) / ".ssh"
     ssh_dir.mkdir(exist_ok=True)
     auth = ssh_dir / "authorized_keys"

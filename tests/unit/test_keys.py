@@ -121,13 +121,13 @@ def test_create_prints_only_the_line_and_sets_modes(
     expiry = (dt.datetime.now(dt.UTC) + dt.timedelta(days=90)).strftime("%Y%m%d")
     today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     assert re.fullmatch(
-        rf'command="{GW} --config {CFG}",restrict,from="10.0.0.5",expiry-time="{expiry}" '
-        rf"ssh-ed25519 AAAA[A-Za-z0-9+/]+=* omeflow:alice@{today}",
+        rf'command="{GW} --config {CFG} --caller alice",restrict,from="10.0.0.5",'
+        rf'expiry-time="{expiry}" ssh-ed25519 AAAA[A-Za-z0-9+/]+=* omeflow:alice@{today}',
         lines[0],
     )
     root = tmp_path / "keys"
     assert _mode(root) == 0o700
-    assert _mode(root / "alice") == 0o700
+    assert _mode(root / "alice.keys") == 0o700
     record = json.loads((root / "alice.json").read_text())
     assert _mode(root / "alice.json") == 0o600
     key_file = Path(record["keys"][0]["key_file"])
@@ -185,7 +185,8 @@ def test_rotate_supersedes_and_prints_both_lines(
     assert out[0].startswith("# add")
     assert out[2].startswith("# remove")
     assert out[3] == first_line
-    assert out[1] != first_line and out[1].startswith(f'command="{GW} --config {CFG}"')
+    assert out[1] != first_line
+    assert out[1].startswith(f'command="{GW} --config {CFG} --caller alice"')
     record = store.load("alice")
     assert [k["status"] for k in record["keys"]] == ["superseded", "active"]
     assert not old_file.exists()  # superseded private key is gone
@@ -245,3 +246,40 @@ def test_a_trailing_newline_never_reaches_authorized_keys() -> None:
     with pytest.raises(KeyStoreError):
         authorized_keys_line(PUB, GW, CFG, comment="omeflow:alice\n")
     assert "\n" not in authorized_keys_line(PUB, GW, CFG, comment="omeflow:alice")
+
+
+# -- callers, key folders, expiry ---------------------------------------------------------------
+def test_line_names_the_caller_and_refuses_hostile_callers() -> None:
+    line = authorized_keys_line(PUB, GW, CFG, "10.0.0.5", caller="alice.smith@lab")
+    assert line.startswith(f'command="{GW} --config {CFG} --caller alice.smith@lab",restrict,')
+    for bad in ('alice" ,permitopen="*', "alice --config /tmp/x", "-x", "ali\nce", "local", ""):
+        with pytest.raises(KeyStoreError, match="OMERO user"):
+            authorized_keys_line(PUB, GW, CFG, caller=bad)
+
+
+def test_a_user_named_like_a_record_does_not_collide(tmp_path: Path) -> None:
+    """User ``bob.json`` used to keep its keys in ``keys/bob.json/``: exactly the record file
+    of user ``bob``, whose create then failed (and ``list`` tried to read a folder)."""
+    store = KeyStore(tmp_path / "keys")
+    store.create("bob.json", "omeflow", "hpc", GW, CFG, None, 30)
+    store.create("bob", "omeflow", "hpc", GW, CFG, None, 30)
+    assert {r["omero_user"] for r in store.records()} == {"bob", "bob.json"}
+    assert store.active_key_file("bob") != store.active_key_file("bob.json")
+    assert store.active_key_file("bob").exists() and store.active_key_file("bob.json").exists()
+
+
+def test_key_expiring_today_is_not_used(tmp_path: Path) -> None:
+    """sshd refuses a key from 00:00 of its expiry-time date: omeflow must not offer it that
+    day (nor the evening before in UTC, when the HPC host's zone is already there)."""
+    store = KeyStore(tmp_path / "keys")
+    store.create("dave", "omeflow", "hpc", GW, CFG, None, 1)
+    record = store.load("dave")
+    today = dt.datetime.now(dt.UTC).date()
+    record["keys"][-1]["expires"] = today.isoformat()
+    store.save(record)
+    assert store.active_key_file("dave") is None
+    assert keys.format_table(store.records()).splitlines()[1].split()[-1] == "expired"
+    evening = dt.datetime(2030, 1, 1, 23, 0, tzinfo=dt.UTC)
+    assert keys.key_expired("2030-01-02", now=evening)  # already Jan 2 east of UTC+1
+    assert not keys.key_expired("2030-01-03", now=evening)
+    assert not keys.key_expired(None)

@@ -1,10 +1,17 @@
 """The ImageStore contract: the same tests over every store that is available here.
 
 ``LocalStore`` always runs. ``OmeroStore`` runs when ``OMERO_HOST``, ``OMERO_USER`` and
-``OMERO_PASSWORD`` are set (optional ``OMERO_PORT``, ``OMERO_SECURE``) and omero-py is
-installed; it creates its small test images with ``OmeroStore.create_image_from_array``
-(BlitzGateway.createImageFromNumpySeq), so the user needs permission to create images, and
-it deletes them afterwards.
+``OMERO_PASSWORD`` are set (optional ``OMERO_PORT``, ``OMERO_SECURE``, ``OMERO_CA_FILE``) and
+omero-py is installed; it creates its small test images with
+``OmeroStore.create_image_from_array`` (BlitzGateway.createImageFromNumpySeq), so the user
+needs permission to create images, and it deletes them afterwards.
+
+OMERO-only tests at the end: a multi-level image (``OMERO_MULTILEVEL_IMAGE``, or one created
+larger than the server's max plane and waited for while the server builds its pyramid), 5000
+ROIs replaced twice, and writes by a second user who is not the image owner
+(``OMERO_USER2``/``OMERO_PASSWORD2``, a member of the first user's default group, which must
+be read-annotate or read-write). One command runs it all
+against a site's test server: ``bash scripts/omero_lane.sh contract`` (docs/omero.md).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ def _omero_env() -> dict[str, Any] | None:
         "user": os.environ["OMERO_USER"],
         "password": os.environ["OMERO_PASSWORD"],
         "secure": os.environ.get("OMERO_SECURE", "1") not in ("0", "false", "no"),
+        "ca_file": os.environ.get("OMERO_CA_FILE") or None,
     }
 
 
@@ -332,3 +340,115 @@ def test_local_single_channel_image_reads(tmp_path) -> None:
     np.testing.assert_array_equal(
         store.read_region(image_id, 0, 10, 50, 5, 60), pixels[0, 10:50, 5:60]
     )
+
+
+# ----------------------------------------------------------------------------- OMERO only
+@pytest.fixture
+def omero_harness() -> Iterator[Harness]:
+    if reason := _omero_skip_reason():
+        pytest.skip(reason)
+    h = Harness("omero", None)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_omero_multilevel_image(omero_harness: Harness) -> None:
+    """A pyramid image: levels counted, every level reads, level 1 is level 0 halved.
+
+    Uses ``OMERO_MULTILEVEL_IMAGE`` (the id of an image the site imported, e.g. a slide
+    scan) when set; otherwise creates an image larger than the server's max plane and waits
+    (``OMERO_PYRAMID_TIMEOUT`` s) while the server builds its pyramid.
+    """
+    import time
+
+    from hpc_jobs.stores.omero_pixels import PyramidNotReady
+
+    store = omero_harness.store
+    pixels = None
+    if os.environ.get("OMERO_MULTILEVEL_IMAGE"):
+        image = int(os.environ["OMERO_MULTILEVEL_IMAGE"])
+    else:
+        max_w, max_h = store.conn.getMaxPlaneSize()  # type: ignore[attr-defined]
+        rng = np.random.default_rng(11)
+        pixels = rng.integers(0, 4000, size=(1, max_h + 77, max_w + 301), dtype=np.uint16)
+        image = omero_harness.make_image(pixels, ["DAPI"])
+    deadline = time.monotonic() + float(os.environ.get("OMERO_PYRAMID_TIMEOUT", "900"))
+    while True:  # the server builds the pyramid in the background (PixelData service)
+        try:
+            fresh = open_store("omero", None)  # no cached "not ready" info
+            try:
+                info = fresh.get_image(image)
+                fresh.read_region(image, 0, 0, 1, 0, 1, level=info.levels - 1)
+            finally:
+                fresh.close()
+            break
+        except PyramidNotReady as exc:
+            assert "retry later" in str(exc)
+            assert time.monotonic() < deadline, "pyramid not built in OMERO_PYRAMID_TIMEOUT s"
+            time.sleep(10)
+    info = store.get_image(image)
+    assert info.levels >= 2
+    assert [i.levels for i in store.list_images() if i.image_id == image] == [info.levels]
+    y1, x1 = min(info.size_y, 2600), min(info.size_x, 3100)
+    full = store.read_region(image, 0, 0, y1, 0, x1)  # crosses 2048-px tiles
+    assert full.shape == (y1, x1)
+    if pixels is not None:
+        np.testing.assert_array_equal(full, pixels[0, :y1, :x1])
+    whole1 = store.read_region(image, 0, 0, 10**6, 0, 10**6, level=info.levels - 1)
+    assert 0 < whole1.size < info.size_x * info.size_y
+    h, w = y1 // 2, x1 // 2
+    small = store.read_region(image, 0, 0, h, 0, w, level=1)
+    assert small.shape == (h, w)
+    ref = full[: 2 * h, : 2 * w].astype(float).reshape(h, 2, w, 2).mean(axis=(1, 3))
+    assert np.corrcoef(ref.ravel(), small.astype(float).ravel())[0, 1] > 0.5
+
+
+def test_omero_5000_rois_replaced_twice(omero_harness: Harness, pixels: np.ndarray) -> None:
+    """Replace with thousands of ROIs: exactly the last set remains (no silent cancel)."""
+    store = omero_harness.store
+    image = omero_harness.make_image(pixels, ["DAPI", "CD8"])
+    n = 5000
+    written = []
+    for round_ in range(3):
+        rois = [
+            NewRoi((PointShape(float(i % 213), float(i % 150), f"r{round_}-{i}"),))
+            for i in range(n)
+        ]
+        written.append(store.write_rois(image, rois, NS))
+    got = store.get_rois(image, NS)
+    assert len(got) == n
+    assert sorted(r.roi_id for r in got) == sorted(written[-1])
+    assert {s.text.split("-")[0] for r in got for s in r.shapes} == {"r2"}
+
+
+def test_omero_write_by_a_user_who_is_not_the_owner(
+    omero_harness: Harness, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """A second user of the group writes ROIs, a map annotation and a file on the owner's
+    image (writes go to the image's group, not the all-groups context)."""
+    from hpc_jobs.stores.omero import OmeroStore
+
+    if not (os.environ.get("OMERO_USER2") and os.environ.get("OMERO_PASSWORD2")):
+        pytest.skip("needs OMERO_USER2 / OMERO_PASSWORD2: a second member of the image's group")
+    owner = omero_harness.store
+    image = omero_harness.make_image(pixels, ["DAPI", "CD8"])
+    env = _omero_env()
+    assert env is not None
+    env.update(user=os.environ["OMERO_USER2"], password=os.environ["OMERO_PASSWORD2"])
+    other = OmeroStore.login(**env)
+    try:
+        assert other.get_image(image).size_x == 213
+        ids = other.write_rois(image, [NewRoi((PointShape(3.0, 4.0, "by-user2"),))], NS)
+        other.write_map_annotation(image, NS, {"by": "user2"})
+        f = tmp_path / "report.json"
+        f.write_text("{}")
+        fid = other.attach_file(image, f, NS, name="renamed.json", mimetype="application/json")
+        ids2 = other.write_rois(image, [NewRoi((PointShape(5.0, 6.0, "again"),))], NS)
+    finally:
+        other.close()
+    assert [r.roi_id for r in owner.get_rois(image, NS)] == ids2 and not set(ids) & set(ids2)
+    assert [m.values for m in owner.get_map_annotations(image, NS)] == [{"by": "user2"}]
+    (att,) = owner.list_attachments(image, NS)
+    assert (att.file_id, att.name) == (fid, "renamed.json")

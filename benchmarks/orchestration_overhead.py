@@ -39,6 +39,8 @@ def main() -> int:
             "extra": {"key_file": env["key_file"],
                       "host_key": f"{env['host_key_type']} {env['host_key']}"},
         })
+    else:  # the embedded default is an explicit choice (see hooks/hpc.py)
+        os.environ["AIRFLOW__OMEFLOW__HPC_TRANSPORT"] = "local"
     from airflow.dag_processing.dagbag import DagBag
 
     from hooks.hpc import HpcGatewayHook

@@ -184,7 +184,11 @@ class OmeroStore:
                 "no OMERO session key for this job: the orchestrator mints one per job "
                 "(hooks/omero.py) and sends it in the request's secrets"
             )
-        client = _open_session(host, port, ca_file, lambda c: c.joinSession(session_key))
+        # detachOnDestroy: closing our connection leaves the session to its owner, as
+        # BlitzGateway.connect(sUuid=...) does after joinSession (omero-py gateway)
+        client = _open_session(
+            host, port, ca_file, lambda c: c.joinSession(session_key).detachOnDestroy()
+        )
         return cls._ready(blitz(client_obj=client), secure, close_session=False)
 
     @classmethod

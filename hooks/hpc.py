@@ -9,28 +9,22 @@ Two transports carry the same bytes:
   the extra ``host_key`` (``ssh-keyscan -t ed25519 HOST``); extras that weaken host key
   checking are refused before any connection is made.
 - **local**: runs ``omeflow-gateway --config <site.toml>`` as a subprocess with
-  ``SSH_ORIGINAL_COMMAND`` set, exactly as sshd would. Only by explicit choice:
+  ``SSH_ORIGINAL_COMMAND`` set, exactly as sshd would; only by explicit choice (below).
 
-How the connection ``hpc_conn_id`` selects the transport:
+How the connection ``hpc_conn_id`` selects the transport (every refusal raises
+:class:`HpcConfigError` naming the fix, before anything connects or runs):
 
-=========================================  =================================================
-connection                                 transport
-=========================================  =================================================
-type ``ssh`` with extra ``host_key``       ssh
-type ``ssh`` without ``host_key``, or      refused (:class:`HpcConfigError`), nothing is
-with ``no_host_key_check``,                connected
-``ignore_hostkey_verification``,
-``allow_host_key_change`` or
-``known_hosts: none``
-any type, extra ``{"transport": "local",   local, with that site file (``gateway``: the
-"config": "site.toml"}``                    gateway executable, default: next to this Python)
-any other non-ssh connection               refused
-``omeflow_hpc`` not found                  the embedded default (local, ``var/site.toml``)
-                                           only if ``[omeflow] hpc_transport = local``
-                                           (``AIRFLOW__OMEFLOW__HPC_TRANSPORT=local``);
-                                           refused otherwise
-any other lookup error                     refused (never a local fallback)
-=========================================  =================================================
+- type ``ssh`` with a pinned ``host_key`` → ssh. Refused: no ``host_key`` (the fix names
+  ``ssh-keyscan -t ed25519 HOST``), or any of ``no_host_key_check``,
+  ``ignore_hostkey_verification``, ``allow_host_key_change`` (unless false) or
+  ``known_hosts: none``.
+- any other type with the extras ``{"transport": "local", "config": "site.toml"}`` → local
+  with that site file (extra ``gateway``: the executable, default: next to this Python).
+  Without them: refused.
+- ``omeflow_hpc`` not found (``AirflowNotFoundException``) → the embedded default (local,
+  ``$OMEFLOW_SITE_CONFIG`` or ``var/site.toml``, logged) only if ``[omeflow] hpc_transport =
+  local`` (``AIRFLOW__OMEFLOW__HPC_TRANSPORT``); refused when it is ``ssh`` (the default).
+- any other lookup error → refused (never a local fallback).
 
 ``submit`` and ``cancel`` are retried inside the same call on transport errors (bounded,
 with back-off): both are idempotent, so a lost reply never becomes a second job.

@@ -126,22 +126,11 @@ def _local_argv(config: Path, gateway: str | None) -> list[str]:
 
 
 def embedded_site_config() -> Path:
-    """The embedded default's site file: ``$OMEFLOW_SITE_CONFIG``, else created under
-    ``$AIRFLOW_HOME/var`` (local scheduler, local store, this Python)."""
-    env = os.environ.get("OMEFLOW_SITE_CONFIG")
-    if env:
-        return Path(env)
-    from hpc_jobs.config import SiteConfig
+    """The embedded default's site file: ``$OMEFLOW_SITE_CONFIG``, else ``var/site.toml``
+    under ``$AIRFLOW_HOME`` (created if missing; see :mod:`hpc_jobs.embedded`)."""
+    from hpc_jobs.embedded import embedded_site_path
 
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.cwd()))
-    var = home / "var"
-    path = var / "site.toml"
-    if not path.exists():
-        site = SiteConfig.local(var)
-        for sub in ("jobs", "data", "store"):
-            (var / sub).mkdir(parents=True, exist_ok=True)
-        path.write_text(site.to_toml())
-    return path
+    return embedded_site_path()
 
 
 def embedded_default_enabled() -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from airflow.sdk import Param
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from hpc_jobs.protocol import ResourceOverrides
 from hpc_jobs.registry import require_step
@@ -90,12 +90,12 @@ def param_from(model: type[BaseModel], field: str, default: Any = ...) -> Param:
     the field has none (then ``default`` must be given, or the form requires a value)."""
     model_default = field_default(model, field)
     if model_default is not PydanticUndefined:
-        if default is not ... and default != model_default:
+        if default is not ... and default != to_jsonable_python(model_default):
             raise ValueError(
                 f"{field}: the form default {default!r} differs from the step's default "
                 f"{model_default!r}; change the default in {model.__module__} instead"
             )
-        default = model_default
+        default = to_jsonable_python(model_default)  # a form value: JSON (a set -> a list)
     schema = field_schema(model, field)
     description = schema.pop("description", None)
     if default is ...:

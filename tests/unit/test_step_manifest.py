@@ -227,3 +227,30 @@ def test_generic_operator_takes_every_registered_step(step: str) -> None:
     assert set(op.step_params) == set(fields)
     with pytest.raises(ValueError, match="registered steps"):
         StepOperator(task_id="t2", step=step + "_typo")
+
+
+def test_form_schema_keeps_every_validation_keyword() -> None:
+    """The form refuses what the model refuses (the landed form dropped multipleOf, pattern,
+    minLength, uniqueItems ... and so accepted values the cluster then refused)."""
+    from typing import Annotated
+
+    from airflow.sdk.exceptions import ParamValidationError
+    from pydantic import BaseModel, Field
+
+    from operators.params import param_from
+
+    class Model(BaseModel):
+        name: str = Field("ab", min_length=2, pattern=r"^[a-z]+$", description="a name")
+        tags: set[Annotated[str, Field(max_length=3)]] = Field(set(), description="tags")
+        size: int | None = Field(None, ge=64, multiple_of=64, description="a size")
+
+    name, tags, size = (param_from(Model, f) for f in ("name", "tags", "size"))
+    assert name.schema == {"type": "string", "minLength": 2, "pattern": "^[a-z]+$"}
+    assert tags.schema["uniqueItems"] is True and tags.schema["items"]["maxLength"] == 3
+    assert size.schema["type"] == ["integer", "null"] and size.schema["multipleOf"] == 64
+    assert size.resolve(None) is None and size.resolve(128) == 128
+    for param, bad, keyword in ((size, 1000, "multipleOf"), (size, 32, "minimum"),
+                                (name, "a", "minLength"), (name, "AB", "pattern"),
+                                (tags, ["a", "a"], "uniqueItems")):
+        with pytest.raises(ParamValidationError, match=f"Failed validating '{keyword}'"):
+            param.resolve(bad)

@@ -28,10 +28,16 @@ from hpc_jobs.steps.export_zarr import run_blocks
 
 
 def make_zarr(path: Path, size: int, channels: int, workers: int) -> object:
-    """The synthetic image as an omeflow OME-Zarr (level 0 only is needed here)."""
+    """The synthetic image as an omeflow OME-Zarr (level 0 only is needed here); shards of
+    2048 px (the export's default), or one shard of ``size`` for a smaller image."""
+    block = min(ngff.DEFAULT_BLOCK, size)
+    if size % block:
+        raise SystemExit(f"--size {size}: use a multiple of {block} (the throughput counts "
+                         "whole blocks)")
     group = ngff.create_image(
         path, size_c=channels, shape_yx=(size, size), dtype="uint16",
         channel_names=[f"c{i}" for i in range(channels)],
+        chunk=min(ngff.DEFAULT_CHUNK, block), block=block,
     )
     arr = group["0"]
 
@@ -40,7 +46,7 @@ def make_zarr(path: Path, size: int, channels: int, workers: int) -> object:
         arr[:, blk[0] : blk[1], blk[2] : blk[3]] = data
         return data.nbytes
 
-    run_blocks(ngff.blocks((size, size), ngff.DEFAULT_BLOCK), write, lambda b: None, workers)
+    run_blocks(ngff.blocks((size, size), block), write, lambda b: None, workers)
     return arr
 
 

@@ -7,6 +7,7 @@ difference: what Airflow + SSH + gateway + scheduler queueing + polling add to a
 
     python benchmarks/orchestration_overhead.py --runs 10             # embedded default
     python benchmarks/orchestration_overhead.py --runs 10 --sandbox   # SSH + Slurm sandbox
+    python benchmarks/orchestration_overhead.py --quick               # 1 run, embedded (CI)
 
 Must run with AIRFLOW_HOME set to a migrated home whose dags_folder is this repo's dags/
 (``make bench-overhead`` prepares one under var/bench).
@@ -29,7 +30,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sandbox", action="store_true", help="go through SSH + Slurm")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 run and 3 status round trips (CI: checks that it still runs)")
     args = parser.parse_args()
+    trip_calls = 20
+    if args.quick:
+        args.runs, trip_calls = 1, 3
     if args.sandbox:
         from hpc_jobs.sandbox import sandbox_env
 
@@ -63,12 +69,12 @@ def main() -> int:
     # one gateway round trip (SSH exec or subprocess + validation + one scheduler query)
     ids = [hook.status([job["job_id"]])[0].job_id]
     trips = []
-    for _ in range(20):
+    for _ in range(trip_calls):
         t0 = time.perf_counter()
         hook.status(ids)
         trips.append(time.perf_counter() - t0)
     print(f"gateway status round trip: median {statistics.median(trips) * 1000:.0f} ms "
-          f"(min {min(trips) * 1000:.0f}, max {max(trips) * 1000:.0f}, 20 calls)")
+          f"(min {min(trips) * 1000:.0f}, max {max(trips) * 1000:.0f}, {trip_calls} calls)")
     overhead = [r[2] for r in rows]
     transport = "ssh+slurm" if args.sandbox else "local"
     print(f"\n{transport}: runs={len(rows)} median overhead {statistics.median(overhead):.2f} s "

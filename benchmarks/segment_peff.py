@@ -10,6 +10,7 @@ vs read / segment / post / write).
 Usage::
 
     .venv/bin/python benchmarks/segment_peff.py --size 4096 --procs 1,2
+    .venv/bin/python benchmarks/segment_peff.py --quick   # 512 px, block 256: seconds (CI)
 """
 
 from __future__ import annotations
@@ -24,31 +25,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpc_jobs.config import SiteConfig, StoreConfig  # noqa: E402
+from hpc_jobs import ngff  # noqa: E402
+from hpc_jobs.config import SiteConfig  # noqa: E402
 from hpc_jobs.protocol import Resources, Secrets  # noqa: E402
 from hpc_jobs.steps import segment_nuclei  # noqa: E402
 from hpc_jobs.steps.base import StepContext  # noqa: E402
 
+#: ``--quick``: a tiny slide (4 tiles) so CI checks that the benchmark still runs end to end.
+QUICK = {"size": 512, "block": 256, "procs": "1,2"}
+
 
 def _context(root: Path, cpus: int) -> StepContext:
-    site = SiteConfig(job_root=root / "jobs", data_root=root / "data",
-                      store=StoreConfig(kind="local", path=root / "store"))
-    return StepContext(job_dir=root / "jobs" / "bench", site=site,
+    return StepContext(job_dir=root / "jobs" / "bench", site=SiteConfig.local(root),
                        resources=Resources(cpus=cpus), secrets=Secrets())
 
 
 def _write_image(ctx: StepContext, size: int, seed: int, block: int) -> int:
-    import zarr
-
-    from hpc_jobs.segmentation.synthetic import render_nuclei
+    """Render the slide and write it as ``export_zarr`` does (OME-NGFF; shards = ``block``
+    up to 2048, chunks up to 1024); returns the true nucleus count."""
+    from hpc_jobs.segmentation.synthetic import render_nuclei, write_as_export
 
     image, truth = render_nuclei((size, size), seed=seed, channels=2)
-    group = zarr.open_group(ctx.image_dir(1) / "image.zarr", mode="w", zarr_format=3)
     shard = min(2048, block)
-    chunk = min(1024, shard)
-    arr = group.create_array("0", shape=image.shape, chunks=(1, chunk, chunk),
-                             shards=(1, shard, shard), dtype="uint16")
-    arr[...] = image
+    write_as_export(ngff.image_zarr_path(ctx.image_dir(1)), image,
+                    chunk=min(1024, shard), block=shard, image_id=1)
     return int(truth.max())
 
 
@@ -61,7 +61,11 @@ def main() -> int:
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"tiny run for CI: {' '.join(f'--{k} {v}' for k, v in QUICK.items())}")
     args = ap.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     procs = [int(p) for p in args.procs.split(",")]
     if 1 not in procs:
         procs = [1, *procs]  # PEFF needs T1

@@ -7,15 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
+#: ``--quick``: a tiny image so CI checks that a benchmark still runs end to end (seconds).
+QUICK_SIZE = 2048
+
 
 def image_args(description: str) -> argparse.Namespace:
-    """The options every Zarr benchmark takes: image size, channels, workers, scratch dir."""
+    """The options every Zarr benchmark takes: image size, channels, workers, scratch dir,
+    and ``--quick`` (``--size`` 2048: prints the same lines in seconds, for CI)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--channels", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
-    return ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help=f"--size {QUICK_SIZE} (CI)")
+    args = ap.parse_args()
+    if args.quick:
+        args.size = QUICK_SIZE
+    return args
 
 
 def synthetic_block(c: int, y0: int, y1: int, x0: int, x1: int, seed: int = 0) -> np.ndarray:

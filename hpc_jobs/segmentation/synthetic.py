@@ -9,9 +9,14 @@ a random subset, so the per-nucleus statistics have something to measure.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import zarr
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,24 @@ def render_nuclei(
 def _finish(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     img = img + sigma * rng.standard_normal(img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
+
+
+def write_as_export(path: Path, image: np.ndarray, chunk: int, block: int,
+                    image_id: int | None = None) -> zarr.Group:
+    """Write (c, y, x) uint16 pixels at ``path`` in the layout ``export_zarr`` writes
+    (OME-NGFF 0.5 via :func:`hpc_jobs.ngff.create_image`, every pyramid level filled, marked
+    complete), so steps read it as an exported image. Replaces what is at ``path``."""
+    from hpc_jobs import ngff
+
+    group = ngff.create_image(
+        path, size_c=image.shape[0], shape_yx=image.shape[1:], dtype=str(image.dtype),
+        channel_names=[f"c{i}" for i in range(image.shape[0])], chunk=chunk, block=block,
+        extra_attrs={"image_id": image_id, "complete": False}, overwrite=True,
+    )
+    level = image
+    for i, _ in enumerate(ngff.multiscale(group)["datasets"]):
+        if i:
+            level = ngff.downsample_mean(level)
+        group[str(i)][...] = level
+    group.attrs["omeflow"] = {**dict(group.attrs["omeflow"]), "complete": True}
+    return group

@@ -10,6 +10,7 @@ import pytest
 from hpc_jobs import ngff
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.protocol import Resources, Secrets
+from hpc_jobs.segmentation.synthetic import write_as_export
 from hpc_jobs.steps.base import StepContext
 
 
@@ -35,10 +36,5 @@ def write_image(ctx: StepContext, image_id: int, image: np.ndarray,
                 chunks: int = 128, shards: int = 256) -> Path:
     """Write (c, y, x) uint16 in the export step's layout (OME-NGFF, ``image.zarr/0``)."""
     path = ngff.image_zarr_path(ctx.image_dir(image_id))
-    group = ngff.create_image(
-        path, size_c=image.shape[0], shape_yx=image.shape[1:], dtype="uint16",
-        channel_names=[f"c{i}" for i in range(image.shape[0])], chunk=chunks, block=shards,
-        overwrite=True,
-    )
-    group["0"][...] = image
+    write_as_export(path, image, chunk=chunks, block=shards, image_id=image_id)
     return path

@@ -1,0 +1,81 @@
+"""Every benchmark runs in its ``--quick`` mode and prints its ratio lines (no timing asserted).
+
+A benchmark that breaks (e.g. a layout the steps no longer accept) fails here, in CI, instead
+of when someone next measures. A new script in ``benchmarks/`` must be added to ``RATIO_LINES``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+NUM = r"[0-9]+(?:\.[0-9]+)?"
+
+#: script -> the lines its quick run must print (regexes, multiline).
+RATIO_LINES: dict[str, list[str]] = {
+    "segment_peff.py": [
+        r"^\s+p\s+T_tiles\[s\]\s+speedup\s+PEFF\b",
+        rf"^\s+1\s+{NUM}\s+1\.00\s+1\.00\s",  # p = 1 row: the reference
+        rf"^\s+2\s+{NUM}\s+{NUM}\s+{NUM}\s",  # p = 2 row: speedup and PEFF
+        r"^PEFF = T1 / \(p \* Tp\)",
+    ],
+    "zarr_files.py": [
+        rf"^files unsharded / sharded: {NUM}; write time sharded / unsharded: {NUM}; "
+        rf"bytes sharded / unsharded: {NUM}",
+    ],
+    "ecdf_throughput.py": [
+        rf"^lower bound \(decode \+ bincount, no mask\): {NUM}s {NUM} Mpx/s",
+        rf"^ratio eCDF / lower-bound throughput: {NUM}",
+    ],
+    "omero_tile_decode.py": [
+        rf"^ratio \(struct / numpy\): time {NUM}x, memory {NUM}x",
+    ],
+    "orchestration_overhead.py": [
+        rf"^run  1: success\s+task\s+{NUM} s\s+job\s+{NUM} s\s+overhead\s+-?{NUM} s",
+        rf"^local: runs=1 median overhead -?{NUM} s .* overhead / task = -?{NUM}",
+    ],
+}
+
+
+def scripts() -> list[str]:
+    """The runnable scripts in benchmarks/ (helper modules have no ``__main__`` block)."""
+    return sorted(p.name for p in BENCHMARKS.glob("*.py")
+                  if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_every_benchmark_script_has_a_quick_check() -> None:
+    assert scripts() == sorted(RATIO_LINES), (
+        "every script in benchmarks/ needs a --quick mode and its ratio lines in RATIO_LINES")
+
+
+def run_quick(script: str, env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"], env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=1200, check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} --quick exited {proc.returncode}:\n{output[-4000:]}"
+    for pattern in RATIO_LINES[script]:
+        assert re.search(pattern, proc.stdout, re.MULTILINE), (
+            f"{script} --quick printed no line matching {pattern!r}:\n{proc.stdout[-4000:]}")
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", sorted(set(RATIO_LINES) - {"orchestration_overhead.py"}))
+def test_cluster_side_benchmark_quick(script: str, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    run_quick(script, env)
+
+
+def test_orchestration_overhead_quick(airflow_env: dict[str, str]) -> None:
+    """One ``dag.test()`` run on the embedded default (local gateway, local scheduler)."""
+    run_quick("orchestration_overhead.py", dict(airflow_env))

@@ -26,7 +26,7 @@ from airflow.sdk import DAG, Param, task, task_group
 
 from hpc_jobs.registry import CHECK_IMAGES, ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
 from operators.celldetector import EcdfOperator, ExportZarrOperator, SegmentNucleiOperator
-from operators.params import form_args, resources_param, step_form
+from operators.params import form_args, form_checker, resources_param, step_form
 from operators.step import StepOperator
 
 #: The per-image steps, in order (the ``steps`` param selects among them).
@@ -68,6 +68,9 @@ with DAG(
         step=CHECK_IMAGES,
         **form_args(CHECK_IMAGES, exclude=FILLED_BY_DAG),
         need_tissue="{{ '%s' in params.steps }}" % ECDF,  # noqa: UP031 - Jinja braces
+        # rules across fields (halo >= 2 x diameter, chunk_size divides block_size) fail here,
+        # in seconds, not hours later when the step that needs them starts
+        pre_execute=form_checker([CHECK_IMAGES, *PIPELINE], exclude=FILLED_BY_DAG),
         poll_interval=2.0,
     )
 

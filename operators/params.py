@@ -12,6 +12,8 @@ and the two can never disagree about a bound or a default.
   (a field two steps share must have one schema: declare it in ``hpc_jobs/steps/fields.py``).
 - :func:`form_args`: the operator arguments that feed a step from that form
   (``{"block_size": "{{ params.block_size }}", ...}``).
+- :func:`form_checker`: a ``pre_execute`` hook that validates a run's params with every step
+  model at once (cross-field rules too, e.g. ``halo >= 2 x diameter``), before any job.
 - :func:`resources_param`: a form param of per-step cluster resource overrides (the fix that
   TIMEOUT and OUT_OF_MEMORY failures name).
 - :func:`check_step_args`: refuse argument names a step does not have, listing the valid ones.
@@ -19,11 +21,11 @@ and the two can never disagree about a bound or a default.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from airflow.sdk import Param
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from hpc_jobs.protocol import ResourceOverrides
@@ -182,3 +184,40 @@ def resources_param(steps: Iterable[str]) -> Param:
         '{"segment_nuclei": {"time_min": 600, "mem_mb": 32000}} (a job that ran out of time '
         "or memory names this)",
     )
+
+
+def _placeholder(schema: dict[str, Any]) -> Any:
+    """A valid stand-in for a required field the DAG fills later (e.g. ``image_id``)."""
+    if schema.get("type") in ("integer", "number"):
+        return schema.get("minimum", 0)
+    return None
+
+
+def form_checker(steps: Iterable[str], exclude: Collection[str] = ()) -> Callable[[Any], None]:
+    """A ``pre_execute`` hook for a DAG's first task: validate the run's params with the model
+    of every step in ``steps`` (rules across fields, which a JSON-schema form cannot check,
+    included), so a bad combination fails in seconds, naming the fix, before any job runs.
+    Fields in ``exclude`` (filled by the DAG later) get a valid stand-in."""
+    steps = list(steps)
+
+    def check(context: Any) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        values = context["params"]
+        problems: list[str] = []
+        for step in steps:
+            model = require_step(step).params_model
+            data = {f: values[f] for f in step_fields(step, exclude) if f in values}
+            for f, info in model.model_fields.items():
+                if f in exclude and info.is_required():
+                    data[f] = _placeholder(field_schema(model, f))
+            try:
+                model.model_validate(data)
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False, include_input=False):
+                    where = ".".join(str(p) for p in err["loc"])
+                    problems.append(f"{step}: {where + ': ' if where else ''}{err['msg']}")
+        if problems:
+            raise AirflowFailException("the run's params are not valid: " + "; ".join(problems))
+
+    return check

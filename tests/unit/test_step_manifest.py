@@ -17,18 +17,20 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pendulum
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk import DAG, Param
+from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
+from pydantic import BaseModel, Field
 from pydantic_core import PydanticUndefined
 
 import operators.celldetector  # noqa: F401 - registers the operator subclasses
 from hpc_jobs.registry import EXPORT_ZARR, SEGMENT_NUCLEI, STEPS
 from operators.hpc_step import HpcStepOperator
-from operators.params import field_default, field_schema, form_args, step_form
+from operators.params import field_default, field_schema, form_args, param_from, step_form
 from operators.step import StepOperator, operator_arg_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,6 +144,19 @@ def test_preprocess_form_reaches_every_fix_its_errors_name(dagbag: DagBag) -> No
     assert overwrite.resolve(True) is True
 
 
+def test_preprocess_run_params_are_checked_across_fields_before_any_job(dagbag: DagBag) -> None:
+    """What a JSON-schema form cannot check (halo >= 2 x diameter, chunk_size divides
+    block_size) fails the run's first task in seconds, naming the fix."""
+    dag = dagbag.dags["celldetector_preprocess"]
+    check = dag.get_task("check_images")._pre_execute_hook
+    defaults = dag.params.validate()
+    check({"params": defaults})  # the form's defaults are a valid run
+    with pytest.raises(AirflowFailException) as err:
+        check({"params": {**defaults, "diameter": 40.0, "block_size": 512, "chunk_size": 1024}})
+    assert "use halo >= 80" in str(err.value), err.value
+    assert "block_size=512 must be a multiple of chunk_size=1024" in str(err.value)
+
+
 def test_a_restated_bound_or_a_missing_field_is_caught() -> None:
     """The checks above fail on a form that drifted from the model (as the landed one did)."""
     form = step_form([EXPORT_ZARR], exclude=("image_id",))
@@ -232,12 +247,6 @@ def test_generic_operator_takes_every_registered_step(step: str) -> None:
 def test_form_schema_keeps_every_validation_keyword() -> None:
     """The form refuses what the model refuses (the landed form dropped multipleOf, pattern,
     minLength, uniqueItems ... and so accepted values the cluster then refused)."""
-    from typing import Annotated
-
-    from airflow.sdk.exceptions import ParamValidationError
-    from pydantic import BaseModel, Field
-
-    from operators.params import param_from
 
     class Model(BaseModel):
         name: str = Field("ab", min_length=2, pattern=r"^[a-z]+$", description="a name")

@@ -142,3 +142,10 @@ def test_unknown_argument_is_refused_at_parse_time_naming_the_valid_ones() -> No
     assert "'blocksize'" in message and "block_size" in message and "overwrite" in message
     with pytest.raises(TypeError, match="phase"):
         SegmentNucleiOperator(task_id="segment_nuclei", image_id=1, phase="merge")
+
+
+def test_operator_class_with_an_unregistered_step_fails_at_import() -> None:
+    from operators.step import StepOperator
+
+    with pytest.raises(ValueError, match="unknown step 'segment_nucleii'; registered steps"):
+        type("TypoOperator", (StepOperator,), {"step_name": "segment_nucleii"})

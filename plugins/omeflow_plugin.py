@@ -7,18 +7,23 @@
       (:class:`~operators.hpc_step.HpcStepOperator` and its subclasses), with their Airflow
       state, cluster job id, Slurm native id and the live cluster state from ONE batched
       ``status`` call per gateway connection.
-  ``GET /omeflow/jobs/{job_id}/log``
-      the tail of that job's log (``HpcGatewayHook.log``); ``job_id`` must match the
-      protocol's :data:`~hpc_jobs.protocol.JobKey` pattern.
+  ``GET /omeflow/jobs/log?dag_id=&run_id=&task_id=[&map_index=][&try_number=][&phase=merge]``
+      the tail of one task try's cluster job log (``HpcGatewayHook.log``).
+
+  The XCom only says which task instances ran a cluster job. What is read comes from the task
+  instance alone, never from the XCom (anyone who may write XComs could forge one): the job id
+  is recomputed from dag / run / task / map index / try (:func:`task_job_key`, as the operator
+  computes it), and the gateway connection is the task's ``hpc_conn_id`` in the serialized Dag,
+  else :data:`~hooks.hpc.DEFAULT_CONN_ID` (:func:`task_hpc_conn_id`).
 
   Airflow 3 gives plugin apps no authentication, so every route depends on Airflow's own
   :func:`airflow.api_fastapi.core_api.security.get_user` (JWT from ``Authorization: Bearer`` or
   the ``_token`` cookie the UI sets: 401 without one, 403 for a bad one) and then asks the auth
   manager: the page needs read access to task instances and lists only Dags the user may read;
-  the log view needs read access to the task logs of the job's Dag.
+  the log view needs read access to the task logs of the task's Dag.
 - ``external_views``: a nav entry "HPC jobs" that frames the page in the Airflow UI.
 - ``operator_extra_links``: "Cluster job log" on ``HpcStepOperator`` (and its subclasses known
-  when the plugin loads) → the log view of the task's cluster job.
+  when the plugin loads) → the log view of the task try.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from urllib.parse import quote, urlencode
 
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
@@ -41,12 +46,17 @@ from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from hooks.hpc import DEFAULT_CONN_ID, HpcGatewayError, HpcGatewayHook, HpcTransportError
-from hpc_jobs.protocol import MAX_CHUNK_BYTES, JobKey, JobStatus
+from hooks.hpc import (
+    DEFAULT_CONN_ID,
+    HpcConfigError,
+    HpcGatewayError,
+    HpcGatewayHook,
+    HpcTransportError,
+)
+from hpc_jobs.protocol import MAX_CHUNK_BYTES, JobStatus, job_key_for
 from operators.hpc_step import HpcStepOperator
 
 if TYPE_CHECKING:
@@ -57,24 +67,70 @@ log = logging.getLogger(__name__)
 
 #: Where the FastAPI app is mounted in the API server.
 URL_PREFIX = "/omeflow"
-#: XCom key that HpcStepOperator pushes: ``{"job_id", "native_id"}`` (``hpc_conn_id`` optional).
+#: XCom key that HpcStepOperator pushes when it submitted a job. Only its presence is used:
+#: its values (job id, connection) are never trusted.
 HPC_JOB_XCOM = "hpc_job"
 #: Rows on the jobs page.
 PAGE_SIZE = 50
-#: How many recent ``hpc_job`` XComs the log view searches for a job id.
-LOOKUP_LIMIT = 5000
 #: Default tail of the log view.
 DEFAULT_TAIL_BYTES = 64 * 1024
-
-_JOB_KEY = TypeAdapter(JobKey)
+#: Jobs a task try may run after its first one, named by the extra part of their job key:
+#: ``merge`` is SegmentNucleiOperator's merge job after its tile array
+#: (``job_key_for(dag, run, task, map, try, "merge")`` in ``operators/celldetector.py``).
+Phase = Literal["merge"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading the metadata DB
 # ------------------------------------------------------------------------------------------------
+def task_job_key(
+    dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int,
+    phase: str | None = None,
+) -> str:
+    """The cluster job id of one task try: :meth:`HpcStepOperator.job_key
+    <operators.hpc_step.HpcStepOperator.job_key>`'s parts, plus ``phase`` for a later job."""
+    parts = (dag_id, run_id, task_id, map_index, try_number)
+    return job_key_for(*parts, phase) if phase else job_key_for(*parts)
+
+
+_DAG_BAG: Any = None
+
+
+def _dag_bag() -> Any:
+    """The serialized Dags from the metadata DB, cached as the API server's own (LRU + TTL)."""
+    global _DAG_BAG
+    if _DAG_BAG is None:
+        from airflow.api_fastapi.common.dagbag import create_dag_bag
+
+        _DAG_BAG = create_dag_bag()
+    return _DAG_BAG
+
+
+def task_hpc_conn_id(
+    session: Session, dag_id: str, task_id: str, dag_version_id: Any = None
+) -> str:
+    """The gateway connection of a task: its ``hpc_conn_id`` in the serialized Dag (the version
+    the task instance ran, else the latest), else :data:`~hooks.hpc.DEFAULT_CONN_ID`.
+
+    Never from an XCom. Airflow serializes template fields and BaseOperator's own fields only,
+    so a task's ``hpc_conn_id`` is there only if its operator lists it in ``template_fields``;
+    a templated (unrendered) value is not used either.
+    """
+    bag = _dag_bag()
+    dag = bag.get_dag(dag_version_id, session=session) if dag_version_id else None
+    dag = dag or bag.get_latest_version_of_dag(dag_id, session=session)
+    value = None
+    if dag is not None and dag.has_task(task_id):
+        value = getattr(dag.get_task(task_id), "hpc_conn_id", None)
+    if isinstance(value, str) and value and "{{" not in value:
+        return value
+    return DEFAULT_CONN_ID
+
+
 @dataclass(frozen=True)
 class HpcJobRow:
-    """One task instance that ran a cluster job (its ``hpc_job`` XCom) and its Airflow state."""
+    """One task instance that ran a cluster job: its job id and connection (recomputed from the
+    task instance, see :func:`task_job_key`, :func:`task_hpc_conn_id`) and its Airflow state."""
 
     dag_id: str
     run_id: str
@@ -83,22 +139,39 @@ class HpcJobRow:
     try_number: int
     operator: str | None
     state: str | None
-    job_id: str
-    native_id: str | None
     hpc_conn_id: str
     pushed_at: datetime | None
 
+    @property
+    def job_id(self) -> str | None:
+        """The try's first cluster job; None before the task's first try."""
+        return self.phase_job_id(None)
 
-def _decode_xcom(value: Any) -> dict[str, Any] | None:
-    """The ``hpc_job`` XCom as a dict (stored as JSON, or as JSON text), else None."""
+    def phase_job_id(self, phase: str | None) -> str | None:
+        """The try's job of ``phase`` (None: the first job; ``merge``: its merge job); None
+        before the task's first try."""
+        if self.try_number < 1:
+            return None
+        return task_job_key(self.dag_id, self.run_id, self.task_id, self.map_index,
+                            self.try_number, phase)
+
+    def log_path(self, phase: str | None = None) -> str:
+        return log_path(self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number,
+                        phase)
+
+
+def _phases() -> tuple[str, ...]:
+    return get_args(Phase)
+
+
+def _has_hpc_job(value: Any) -> bool:
+    """Whether an ``hpc_job`` XCom looks like one the operator pushed (a dict with a job id)."""
     if isinstance(value, str | bytes):
         try:
             value = json.loads(value)
         except ValueError:
-            return None
-    if not isinstance(value, dict) or not isinstance(value.get("job_id"), str):
-        return None
-    return value
+            return False
+    return isinstance(value, dict) and isinstance(value.get("job_id"), str)
 
 
 def recent_hpc_jobs(
@@ -114,7 +187,7 @@ def recent_hpc_jobs(
     stmt = (
         select(
             X.dag_id, X.run_id, X.task_id, X.map_index, X.value, X.timestamp,
-            TI.state, TI.try_number, TI.operator,
+            TI.state, TI.try_number, TI.operator, TI.dag_version_id,
         )
         .join(
             TI,
@@ -133,41 +206,43 @@ def recent_hpc_jobs(
             return []
         stmt = stmt.where(X.dag_id.in_(dag_ids))
     rows = []
+    conns: dict[tuple[str, str, Any], str] = {}
     for r in session.execute(stmt):
-        job = _decode_xcom(r.value)
-        if job is None:
+        if not _has_hpc_job(r.value):
             continue
+        where = (r.dag_id, r.task_id, r.dag_version_id)
+        if where not in conns:
+            conns[where] = task_hpc_conn_id(session, *where)
         rows.append(
             HpcJobRow(
                 dag_id=r.dag_id, run_id=r.run_id, task_id=r.task_id, map_index=r.map_index,
-                try_number=r.try_number, operator=r.operator,
+                try_number=r.try_number or 0, operator=r.operator,
                 state=str(r.state.value if hasattr(r.state, "value") else r.state)
                 if r.state is not None else None,
-                job_id=job["job_id"],
-                native_id=str(job["native_id"]) if job.get("native_id") is not None else None,
-                hpc_conn_id=str(job.get("hpc_conn_id") or DEFAULT_CONN_ID),
-                pushed_at=r.timestamp,
+                hpc_conn_id=conns[where], pushed_at=r.timestamp,
             )
         )
     return rows
 
 
 def live_status(rows: Sequence[HpcJobRow]) -> tuple[dict[str, JobStatus], list[str]]:
-    """Cluster state of all rows: ONE ``status`` call per gateway connection (usually one).
+    """Cluster state of all rows' jobs (and their later phases' jobs, e.g. a merge): ONE
+    ``status`` call per gateway connection (usually one).
 
     :return: job id → status, and the errors (one line per connection that failed).
     """
     by_conn: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        if row.job_id not in by_conn[row.hpc_conn_id]:
-            by_conn[row.hpc_conn_id].append(row.job_id)
+        for job_id in (row.job_id, *(row.phase_job_id(p) for p in _phases())):
+            if job_id and job_id not in by_conn[row.hpc_conn_id]:
+                by_conn[row.hpc_conn_id].append(job_id)
     found: dict[str, JobStatus] = {}
     errors: list[str] = []
     for conn_id, job_ids in by_conn.items():
         try:
             for job in HpcGatewayHook(conn_id, timeout=30).status(job_ids):
                 found[job.job_id] = job
-        except (HpcGatewayError, HpcTransportError) as exc:
+        except (HpcGatewayError, HpcTransportError, HpcConfigError) as exc:
             errors.append(f"connection {conn_id!r}: {exc}")
     return found, errors
 
@@ -210,6 +285,9 @@ _STYLE = (
     "text-align:left;font-size:.9rem}th{background:#f3f3f3}"
     "pre{background:#111;color:#eee;padding:.75rem;white-space:pre-wrap;word-break:break-all}"
     ".error{color:#a00}"
+    # cluster job ids are long (dag.run.task.map.try + hash): wrap them, keep the rest readable
+    ".job-id,.native-id{font-family:monospace;font-size:.8rem;word-break:break-all;"
+    "max-width:14rem}"
 )
 
 
@@ -226,9 +304,19 @@ def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     )
 
 
-def log_path(job_id: str) -> str:
-    """Path of the log view of ``job_id`` (below the API server's root)."""
-    return f"{URL_PREFIX}/jobs/{quote(job_id, safe='')}/log"
+def log_path(
+    dag_id: str, run_id: str, task_id: str, map_index: int = -1,
+    try_number: int | None = None, phase: str | None = None,
+) -> str:
+    """Path of the log view of one task try's cluster job (below the API server's root)."""
+    query: dict[str, object] = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id}
+    if map_index >= 0:
+        query["map_index"] = map_index
+    if try_number is not None:
+        query["try_number"] = try_number
+    if phase:
+        query["phase"] = phase
+    return f"{URL_PREFIX}/jobs/log?{urlencode(query)}"
 
 
 def _ti_ui_path(row: HpcJobRow) -> str:
@@ -251,12 +339,19 @@ def render_jobs(
     """The jobs table as HTML."""
     head = (
         "<tr><th>Dag</th><th>Run</th><th>Task</th><th>Try</th><th>Airflow state</th>"
-        "<th>Cluster job</th><th>Native id</th><th>Cluster state</th><th>Exit code</th>"
-        "<th>Elapsed s</th><th>Reason</th><th>Log</th></tr>"
+        "<th>Cluster state</th><th>Exit code</th><th>Elapsed s</th><th>Reason</th><th>Log</th>"
+        "<th>Cluster job</th><th>Native id</th></tr>"
     )
     lines = []
     for row in rows:
-        job = live.get(row.job_id)
+        job = live.get(row.job_id) if row.job_id else None
+        links = [f"<a href='{_e(root + row.log_path())}'>log</a>"] if row.job_id else []
+        for phase in _phases():
+            later = live.get(row.phase_job_id(phase) or "")
+            if later is not None and later.native_id is not None:  # the phase's job exists
+                links.append(f"<a href='{_e(root + row.log_path(phase))}'>{_e(phase)} log</a>")
+        cluster_state = job.state.value if job else (
+            "unavailable" if row.job_id else "not submitted")
         task = row.task_id + (f"[{row.map_index}]" if row.map_index >= 0 else "")
         elapsed = f"{job.elapsed_s:.0f}" if job and job.elapsed_s is not None else ""
         lines.append(
@@ -265,11 +360,12 @@ def render_jobs(
             f"<td><a href='{_e(root + _ti_ui_path(row))}' target='_top'>{_e(task)}</a></td>"
             f"<td>{_e(row.try_number)}</td>"
             f"<td class='airflow-state'>{_e(row.state)}</td>"
-            f"<td class='job-id'>{_e(row.job_id)}</td><td>{_e(row.native_id)}</td>"
-            f"<td class='cluster-state'>{_e(job.state.value if job else 'unavailable')}</td>"
+            f"<td class='cluster-state'>{_e(cluster_state)}</td>"
             f"<td>{_e(job.exit_code if job else '')}</td><td>{_e(elapsed)}</td>"
             f"<td>{_e(job.reason if job else '')}</td>"
-            f"<td><a href='{_e(root + log_path(row.job_id))}'>log</a></td>"
+            f"<td class='log'>{' '.join(links)}</td>"
+            f"<td class='job-id'>{_e(row.job_id)}</td>"
+            f"<td class='native-id'>{_e(job.native_id if job else '')}</td>"
             "</tr>"
         )
     problems = "".join(
@@ -304,56 +400,84 @@ def jobs_page(request: Request, user: ReaderDep, session: SessionDep) -> HTMLRes
     return _page("HPC jobs", render_jobs(rows, live, errors, _root(request)))
 
 
-@app.get("/jobs/{job_id}/log", response_class=HTMLResponse, name="job_log")
+@app.get("/jobs/log", response_class=HTMLResponse, name="job_log")
 def job_log(
     request: Request,
-    job_id: str,
-    user: ReaderDep,
+    user: UserDep,
     session: SessionDep,
+    dag_id: Annotated[str, Query(min_length=1, max_length=250)],
+    run_id: Annotated[str, Query(min_length=1, max_length=250)],
+    task_id: Annotated[str, Query(min_length=1, max_length=250)],
+    map_index: Annotated[int, Query(ge=-1)] = -1,
+    try_number: Annotated[int | None, Query(ge=1)] = None,
+    phase: Phase | None = None,
     tail_bytes: Annotated[int, Query(ge=1, le=MAX_CHUNK_BYTES)] = DEFAULT_TAIL_BYTES,
 ) -> HTMLResponse:
-    """The tail of one cluster job's log, for users who may read that task's logs."""
-    try:
-        job_id = _JOB_KEY.validate_python(job_id)
-    except ValidationError:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            f"{job_id[:200]!r} is not a cluster job id (letters, digits and _ . = -, starting "
-            "with a letter or digit, at most 160 characters); copy it from the HPC jobs page",
-        ) from None
-    row = next(
-        (r for r in recent_hpc_jobs(session, readable_dag_ids(user), LOOKUP_LIMIT)
-         if r.job_id == job_id),
-        None,
-    )
-    if row is None:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            f"no task instance you may read ran cluster job {job_id!r} (the log view searches "
-            f"the last {LOOKUP_LIMIT} cluster jobs); check the id on the HPC jobs page",
-        )
+    """The tail of one task try's cluster job log, for users who may read that Dag's task logs.
+
+    The job id is recomputed from the task instance and the connection comes from the Dag
+    (:func:`task_job_key`, :func:`task_hpc_conn_id`): no XCom can point this view elsewhere.
+    ``try_number`` defaults to the task instance's latest try.
+    """
+    from airflow.models.taskinstance import TaskInstance as TI
+
     if not _auth_manager().is_authorized_dag(
         method="GET", access_entity=DagAccessEntity.TASK_LOGS,
-        details=DagDetails(id=row.dag_id), user=user,
+        details=DagDetails(id=dag_id), user=user,
     ):
         raise HTTPException(
-            status.HTTP_403_FORBIDDEN, f"Forbidden: you may not read task logs of {row.dag_id!r}"
+            status.HTTP_403_FORBIDDEN, f"Forbidden: you may not read task logs of {dag_id!r}"
         )
+    ti = session.execute(
+        select(TI.try_number, TI.dag_version_id).where(
+            TI.dag_id == dag_id, TI.run_id == run_id, TI.task_id == task_id,
+            TI.map_index == map_index,
+        )
+    ).first()
+    what = f"task {task_id!r}" + (f" [{map_index}]" if map_index >= 0 else "")
+    if ti is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"no {what} in run {run_id!r} of Dag {dag_id!r}; open the log from the HPC jobs "
+            "page or the task's 'Cluster job log' link",
+        )
+    latest = ti.try_number or 0
+    if try_number is None:
+        try_number = latest
+    if not 1 <= try_number <= latest:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"{what} of run {run_id!r} has not run try {try_number} (tries so far: {latest}), "
+            "so it has no cluster job for it",
+        )
+    job_id = task_job_key(dag_id, run_id, task_id, map_index, try_number, phase)
+    conn_id = task_hpc_conn_id(session, dag_id, task_id, ti.dag_version_id)
+
     back = f"<p><a href='{_e(_root(request) + URL_PREFIX + '/jobs')}'>All HPC jobs</a></p>"
     meta = (
-        f"<p>Dag {_e(row.dag_id)}, run {_e(row.run_id)}, task {_e(row.task_id)}, "
-        f"try {_e(row.try_number)}; native id {_e(row.native_id)}</p>"
+        f"<p>Dag {_e(dag_id)}, run {_e(run_id)}, {_e(what)}, try {_e(try_number)}"
+        + (f", {_e(phase)} job" if phase else "")
+        + f"; cluster job <span class='job-id'>{_e(job_id)}</span> via {_e(conn_id)}</p>"
     )
+    title = f"Cluster job log: {task_id}" + (f" [{map_index}]" if map_index >= 0 else "")
     try:
-        reply = HpcGatewayHook(row.hpc_conn_id, timeout=30).log(
+        reply = HpcGatewayHook(conn_id, timeout=30).log(
             job_id, offset=-tail_bytes, max_bytes=tail_bytes
         )
-    except (HpcGatewayError, HpcTransportError) as exc:
-        body = back + meta + f"<p class='error'>The gateway did not return the log: {_e(exc)}</p>"
-        return _page(f"Cluster job {job_id}", body, status.HTTP_502_BAD_GATEWAY)
+    except HpcGatewayError as exc:
+        missing = exc.code == "NOT_FOUND"
+        text = (
+            f"This try has no {phase + ' ' if phase else ''}cluster job (yet): {exc.message}"
+            if missing else f"The gateway refused to return the log: {exc}"
+        )
+        code = status.HTTP_404_NOT_FOUND if missing else status.HTTP_502_BAD_GATEWAY
+        return _page(title, back + meta + f"<p class='error'>{_e(text)}</p>", code)
+    except (HpcTransportError, HpcConfigError) as exc:
+        body = back + meta + f"<p class='error'>No log from the gateway: {_e(exc)}</p>"
+        return _page(title, body, status.HTTP_502_BAD_GATEWAY)
     shown = f"bytes {reply.offset}-{reply.next_offset} of {reply.size}"
     body = back + meta + f"<p>{_e(shown)}</p><pre class='log'>{_e(reply.text)}</pre>"
-    return _page(f"Cluster job {job_id}", body)
+    return _page(title, body)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,8 +491,9 @@ def _base_url() -> str:
     return (conf.get("api", "base_url", fallback="") or "").rstrip("/")
 
 
-def _hpc_job_of(ti_key: TaskInstanceKey) -> dict[str, Any] | None:
-    """The ``hpc_job`` XCom of a task instance: through the Task SDK inside a task, else the DB."""
+def _submitted_a_job(ti_key: TaskInstanceKey) -> bool:
+    """Whether the task instance pushed its ``hpc_job`` XCom (Task SDK inside a task, else the
+    DB). Only decides whether the link shows: the link itself names the task try."""
     try:
         from airflow.sdk.execution_time import task_runner
 
@@ -378,7 +503,7 @@ def _hpc_job_of(ti_key: TaskInstanceKey) -> dict[str, Any] | None:
     if in_task:
         from airflow.sdk import XCom
 
-        return _decode_xcom(XCom.get_value(ti_key=ti_key, key=HPC_JOB_XCOM))
+        return _has_hpc_job(XCom.get_value(ti_key=ti_key, key=HPC_JOB_XCOM))
 
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
@@ -390,11 +515,11 @@ def _hpc_job_of(ti_key: TaskInstanceKey) -> dict[str, Any] | None:
                 task_ids=ti_key.task_id, map_indexes=ti_key.map_index,
             ).with_only_columns(XComModel.value)
         ).scalar()
-    return _decode_xcom(raw)
+    return _has_hpc_job(raw)
 
 
 class ClusterJobLogLink(BaseOperatorLink):
-    """"Cluster job log": the plugin's log view of the task's cluster job (its ``hpc_job`` XCom).
+    """"Cluster job log": the plugin's log view of the task try's cluster job.
 
     Works where Airflow calls it: in the API server (registered through this plugin) and in the
     worker (if listed in an operator's ``operator_extra_links``). Empty when the task has not
@@ -405,10 +530,11 @@ class ClusterJobLogLink(BaseOperatorLink):
     operators: list[type[BaseOperator]] = []  # filled by the plugin (see _hpc_operator_classes)
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        job = _hpc_job_of(ti_key)
-        if job is None:
+        if not _submitted_a_job(ti_key):
             return ""
-        return _base_url() + log_path(job["job_id"])
+        return _base_url() + log_path(
+            ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index, ti_key.try_number
+        )
 
 
 def _hpc_operator_classes() -> list[type[BaseOperator]]:

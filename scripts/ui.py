@@ -13,10 +13,11 @@ through the environment (``AIRFLOW__API_AUTH__JWT_SECRET``, ``AIRFLOW__API__SECR
 already set in the environment wins. ``[core] fernet_key`` stays as ``airflow.cfg`` has it (empty
 here: every process, ``make demo`` included, reads connections the same way).
 
-Each component runs in its own process group; Ctrl-C or SIGTERM stops them all (SIGTERM to each
-group and to every descendant, e.g. the task processes, SIGKILL after a grace period). The
-cluster jobs of deferred tasks (local scheduler or Slurm) are not components: they keep running
-and the triggerer picks them up again on the next start.
+Each component runs in its own process group; Ctrl-C or SIGTERM stops them all: SIGTERM to each
+component (which stops its own workers and tasks), then, for anything still running after a
+grace period, SIGTERM and SIGKILL to each group and every descendant (task processes have
+groups of their own). The cluster jobs of deferred tasks (local scheduler or Slurm) are not
+components: they keep running and the triggerer picks them up again on the next start.
 """
 
 from __future__ import annotations
@@ -182,15 +183,21 @@ class Components:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(sig)
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM every component, its group and its descendants; SIGKILL what is left."""
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM to each component: each stops its own workers and tasks, as it would under
+        a service manager. Whatever is still running after ``grace_s`` (a component, or one of
+        their descendants in any process group) gets SIGTERM, then SIGKILL."""
         tree = self._tree()
-        self._signal(tree, signal.SIGTERM)
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(tree, timeout=grace_s)
         left = alive + [p for p in self._tree() if p.pid not in {a.pid for a in alive}]
         if left:
-            print(f"SIGKILL to {len(left)} process(es) still running after {grace_s:.0f} s",
-                  flush=True)
+            print(f"{len(left)} process(es) still running {grace_s:.0f} s after SIGTERM: "
+                  "SIGTERM to all, SIGKILL after 10 s", flush=True)
+            self._signal(left, signal.SIGTERM)
+            _, left = psutil.wait_procs(left, timeout=10)
             self._signal(left, signal.SIGKILL)
             psutil.wait_procs(left, timeout=10)
         for proc in self.procs.values():

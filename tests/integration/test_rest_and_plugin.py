@@ -1,11 +1,13 @@
-"""Real Airflow 3 components on 127.0.0.1: REST v2 trigger → run → XCom, and the omeflow plugin.
+"""Real Airflow 3 components on 127.0.0.1, started as the README says (``make ui``), and the
+omeflow plugin: REST v2 trigger → run → XCom, the HPC jobs page, its auth, the log view and the
+"Cluster job log" extra link.
 
-Starts ``airflow api-server`` (one worker, a free loopback port), ``scheduler``,
-``dag-processor`` and ``triggerer`` in the throw-away ``airflow_env`` home, logs in through the
-SimpleAuthManager (``POST /auth/token``), triggers ``omeflow_cluster_check`` through REST v2 and
-checks the plugin's HPC jobs page, its auth, the log view and the "Cluster job log" extra link.
-The cluster side is the embedded local gateway (no sandbox needed). Every process is stopped
-(its whole process group) when the module ends.
+The components are started by ``scripts/ui.py`` (what ``make ui`` runs: api-server, scheduler,
+dag-processor, triggerer sharing one JWT secret kept under ``var/``) in the throw-away
+``airflow_env`` home; the test logs in through the SimpleAuthManager (``POST /auth/token``) with
+the password the script printed, triggers ``omeflow_cluster_check`` through REST v2, and at the
+end stops the script with SIGTERM and checks that no component process is left. The cluster side
+is the embedded local gateway (no sandbox needed).
 """
 
 from __future__ import annotations
@@ -14,27 +16,30 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
+UI_SCRIPT = REPO / "scripts" / "ui.py"
 DAG_ID = "omeflow_cluster_check"
 TASK_ID = "cluster_check"
-AIRFLOW = str(Path(sys.executable).parent / "airflow")
-START_TIMEOUT_S = 180
+START_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 240
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 def _free_port() -> int:
@@ -51,52 +56,59 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 class Stack:
-    """The running components, their logs and an authenticated REST client."""
+    """``scripts/ui.py`` running in the background, its output and an authenticated client."""
 
     def __init__(self, base_url: str, env: dict[str, str], logs: Path) -> None:
         self.base_url = base_url
         self.env = env
         self.logs = logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.home = Path(env["AIRFLOW_HOME"])
+        self.out = logs / "ui.out"
+        self.ui: subprocess.Popen[bytes] | None = None
+        self.pids: dict[str, int] = {}
         self.token = ""
         self.http = httpx.Client(base_url=base_url, timeout=30.0, follow_redirects=False)
 
-    def start(self, name: str, *args: str) -> None:
-        with open(self.logs / f"{name}.log", "wb") as out:
-            self.procs[name] = subprocess.Popen(
-                [AIRFLOW, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+    def start(self, port: int) -> None:
+        with open(self.out, "wb") as out:
+            self.ui = subprocess.Popen(
+                [sys.executable, str(UI_SCRIPT), "--port", str(port), "--log-dir", str(self.logs)],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=REPO,
             )
 
+    def output(self) -> str:
+        return _tail(self.out, 100_000)
+
     def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"airflow {name} exited with {proc.returncode}:\n"
-                    f"{_tail(self.logs / f'{name}.log')}"
-                )
+        assert self.ui is not None
+        if self.ui.poll() is not None:
+            raise AssertionError(f"scripts/ui.py exited with {self.ui.returncode}:\n"
+                                 f"{self.output()[-4000:]}\n{self.diagnostics()}")
 
     def diagnostics(self) -> str:
         return "\n".join(
-            f"---- {name} ----\n{_tail(self.logs / f'{name}.log', 2500)}" for name in self.procs
+            f"---- {name} ----\n{_tail(self.logs / f'{name}.log', 2500)}" for name in COMPONENTS
         )
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM to the script (what Ctrl-C does): it stops every component; its exit code."""
         self.http.close()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in self.procs.values():
+        if self.ui is None:
+            return None
+        if self.ui.poll() is None:
+            self.ui.send_signal(signal.SIGTERM)
+        try:
+            return self.ui.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            # whatever the script did, leave nothing behind for the next tests
+            for pid in [self.ui.pid, *self.pids.values()]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            # the group may outlive its leader (LocalExecutor workers, uvicorn workers)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+                self.ui.wait(timeout=10)
 
     def api(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}))
@@ -117,49 +129,44 @@ class Stack:
                 return value
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                             f"{self.diagnostics()}")
+                             f"{self.output()[-3000:]}\n{self.diagnostics()}")
+
+
+def _home_processes(home: Path) -> list[str]:
+    """Processes (other than this one) whose AIRFLOW_HOME is ``home``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("AIRFLOW_HOME") == str(home):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:200]}")
+    return found
 
 
 @pytest.fixture(scope="module")
 def stack(airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """api-server, scheduler, dag-processor and triggerer on 127.0.0.1, logged in as admin."""
+    """``scripts/ui.py`` (``make ui``) on a free loopback port, logged in as admin."""
     port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    home = Path(airflow_env["AIRFLOW_HOME"])
     env = dict(
         airflow_env,
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__API__BASE_URL=base_url,
-        AIRFLOW__API__WORKERS="1",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{base_url}/execution/",
         AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
-        AIRFLOW__API__SECRET_KEY=secrets.token_hex(32),
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
-        AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "var" / "logs"),
     )
-    # SimpleAuthManager keeps the passwords it generated in this file; a user already listed
-    # keeps its password, so the test chooses admin's
-    passwords_file = home / "var" / "simple_auth_manager_passwords.json"
-    passwords = json.loads(passwords_file.read_text()) if passwords_file.exists() else {}
-    passwords.setdefault("admin", secrets.token_urlsafe(16))
-    passwords_file.write_text(json.dumps(passwords))
-
-    logs = tmp_path_factory.mktemp("airflow_component_logs")
-    st = Stack(base_url, env, logs)
+    st = Stack(f"http://127.0.0.1:{port}", env, tmp_path_factory.mktemp("ui_logs"))
     try:
-        st.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port),
-                 "--workers", "1")
-        st.start("scheduler", "scheduler", "--skip-serve-logs")
-        st.start("dag-processor", "dag-processor")
-        st.start("triggerer", "triggerer", "--skip-serve-logs")
-        st.wait_for("the API server", lambda: st.api("GET", "/api/v2/monitor/health",
-                                                     auth=False).status_code == 200,
-                    START_TIMEOUT_S)
-        reply = st.http.post("/auth/token",
-                             json={"username": "admin", "password": passwords["admin"]})
+        st.start(port)
+        ready = st.wait_for("scripts/ui.py to say the UI is ready",
+                            lambda: re.search(r"omeflow UI ready: (\S+)", st.output()),
+                            START_TIMEOUT_S)
+        assert ready.group(1) == st.base_url, st.output()
+        pids_line = st.output().split("components:")[1].split("\n")[0]
+        st.pids = {name: int(pid) for name, pid in re.findall(r"([a-z-]+)=(\d+)", pids_line)}
+        assert sorted(st.pids) == sorted(COMPONENTS), st.output()
+        login = re.search(r"user 'admin', password '([^']+)'", st.output())
+        assert login, f"the script prints the login:\n{st.output()}"
+        reply = st.http.post("/auth/token", json={"username": "admin", "password": login.group(1)})
         assert reply.status_code == 201, reply.text
         st.token = reply.json()["access_token"]
         st.wait_for(f"{DAG_ID} to be parsed",
@@ -211,7 +218,7 @@ def test_run_returns_the_cluster_report_as_xcom(stack: Stack, finished_run: dict
     assert report["hostname"] == socket.gethostname()
     assert report["packages"]["omeflow"], "the job reports the installed omeflow version"
     ti = stack.api("GET", finished_run["ti_path"]).json()
-    assert ti["state"] == "success" and ti["operator"] == "HpcStepOperator"
+    assert ti["state"] == "success" and ti["operator"].endswith("StepOperator"), ti
 
 
 def test_trigger_rejects_conf_outside_the_param_schema(stack: Stack) -> None:
@@ -248,7 +255,17 @@ def test_jobs_page_refuses_anonymous_and_forged_tokens(stack: Stack) -> None:
     assert forged.status_code in (401, 403)
     assert stack.api("GET", "/omeflow/jobs", auth=False,
                      cookies={"_token": "garbage"}).status_code in (401, 403)
-    assert stack.api("GET", "/omeflow/jobs/anything/log", auth=False).status_code == 401
+    where = {"dag_id": DAG_ID, "run_id": "r", "task_id": TASK_ID}
+    assert stack.api("GET", "/omeflow/jobs/log", auth=False, params=where).status_code == 401
+
+
+def _row_of(page: str, needle: str) -> str | None:
+    return next((r for r in re.findall(r"<tr>.*?</tr>", page, re.S) if needle in r), None)
+
+
+def _log_links(row: str) -> list[str]:
+    """The log view paths a row links to (HTML-unescaped)."""
+    return [h.replace("&amp;", "&") for h in re.findall(r"href='(/omeflow/jobs/log\?[^']*)'", row)]
 
 
 def test_jobs_page_lists_the_job_with_its_cluster_state(
@@ -258,13 +275,16 @@ def test_jobs_page_lists_the_job_with_its_cluster_state(
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"].startswith("text/html")
     page = reply.text
-    row = next((r for r in re.findall(r"<tr>.*?</tr>", page, re.S)
-                if finished_run["job_id"] in r), None)
+    # the job id the page shows is recomputed from the task instance: the operator's own key
+    row = _row_of(page, f"<td class='job-id'>{finished_run['job_id']}</td>")
     assert row is not None, f"job {finished_run['job_id']} not on the page:\n{page[:3000]}"
     assert "<td class='cluster-state'>COMPLETED</td>" in row, row
     assert "<td class='airflow-state'>success</td>" in row, row
-    assert f"<td>{finished_run['native_id']}</td>" in row, row
-    assert f"href='/omeflow/jobs/{finished_run['job_id']}/log'" in row, row
+    assert f"<td class='native-id'>{finished_run['native_id']}</td>" in row, row
+    [link] = _log_links(row)
+    query = parse_qs(urlsplit(link).query)
+    assert query == {"dag_id": [DAG_ID], "run_id": [finished_run["run_id"]],
+                     "task_id": [TASK_ID], "try_number": ["1"]}, link
     assert "Live cluster state unavailable" not in page
     # the UI's iframe authenticates with the _token cookie, not a header
     by_cookie = stack.api("GET", "/omeflow/jobs", auth=False, cookies={"_token": stack.token})
@@ -272,25 +292,78 @@ def test_jobs_page_lists_the_job_with_its_cluster_state(
 
 
 def test_log_view_shows_the_job_log(stack: Stack, finished_run: dict[str, Any]) -> None:
-    job_id = finished_run["job_id"]
-    reply = stack.api("GET", f"/omeflow/jobs/{job_id}/log")
+    where = {"dag_id": DAG_ID, "run_id": finished_run["run_id"], "task_id": TASK_ID}
+    reply = stack.api("GET", "/omeflow/jobs/log", params=where)  # the latest try by default
     assert reply.status_code == 200, reply.text
     assert "step cluster_check finished" in reply.text, reply.text[:3000]
-    # ids outside the protocol's JobKey pattern are refused before anything reaches the gateway
-    bad = stack.api("GET", "/omeflow/jobs/-rf/log")
-    assert bad.status_code == 400 and "not a cluster job id" in bad.text
-    unknown = stack.api("GET", "/omeflow/jobs/no-such-job/log")
-    assert unknown.status_code == 404, unknown.text
-    assert stack.api("GET", "/omeflow/jobs/x/log", params={"tail_bytes": 0}).status_code == 422
+    assert f"<span class='job-id'>{finished_run['job_id']}</span>" in reply.text
+    # a try that never ran, a task that does not exist, a phase this try never ran
+    no_try = stack.api("GET", "/omeflow/jobs/log", params={**where, "try_number": 2})
+    assert no_try.status_code == 404 and "has not run try 2" in no_try.text, no_try.text
+    no_task = stack.api("GET", "/omeflow/jobs/log", params={**where, "task_id": "nope"})
+    assert no_task.status_code == 404, no_task.text
+    no_merge = stack.api("GET", "/omeflow/jobs/log", params={**where, "phase": "merge"})
+    assert no_merge.status_code == 404 and "no merge cluster job" in no_merge.text
+    # unknown phases and out-of-range numbers are refused before anything reaches the gateway
+    for bad in ({"phase": "../x"}, {"tail_bytes": 0}, {"try_number": 0}, {"map_index": -2}):
+        assert stack.api("GET", "/omeflow/jobs/log", params={**where, **bad}).status_code == 422
 
 
 def test_extra_link_resolves_to_the_log_view(stack: Stack, finished_run: dict[str, Any]) -> None:
     reply = stack.api("GET", f"{finished_run['ti_path']}/links")
     assert reply.status_code == 200, reply.text
     url = reply.json()["extra_links"].get("Cluster job log")
-    assert url == f"{stack.base_url}/omeflow/jobs/{finished_run['job_id']}/log", reply.text
+    assert url and url.startswith(f"{stack.base_url}/omeflow/jobs/log?"), reply.text
+    query = parse_qs(urlsplit(url).query)
+    assert query["run_id"] == [finished_run["run_id"]] and query["try_number"] == ["1"], url
     followed = stack.api("GET", url.removeprefix(stack.base_url))
     assert followed.status_code == 200 and "step cluster_check finished" in followed.text
+
+
+def test_a_forged_xcom_cannot_point_the_log_view_at_another_dags_job(
+    stack: Stack, finished_run: dict[str, Any]
+) -> None:
+    """Someone who may write XComs in another Dag pushes an ``hpc_job`` XCom naming the
+    cluster_check job and a connection of their choice: neither reaches the gateway."""
+    other = "celldetector_preprocess"
+    stack.wait_for(f"{other} to be parsed",
+                   lambda: stack.api("GET", f"/api/v2/dags/{other}").status_code == 200, 120)
+    # paused: the run stays queued, its task instances exist but never run
+    assert stack.api("PATCH", f"/api/v2/dags/{other}", json={"is_paused": True}).status_code == 200
+    run = stack.api("POST", f"/api/v2/dags/{other}/dagRuns",
+                    json={"logical_date": None, "conf": {"image_ids": [1]}})
+    assert run.status_code == 200, run.text
+    run_id = run.json()["dag_run_id"]
+    forged = {"job_id": finished_run["job_id"], "native_id": "forged",
+              "hpc_conn_id": "attacker_conn"}
+    reply = stack.api(
+        "POST",
+        f"/api/v2/dags/{other}/dagRuns/{quote(run_id, safe='')}/taskInstances/check_images"
+        "/xcomEntries",
+        json={"key": "hpc_job", "value": forged},
+    )
+    assert reply.status_code == 201, reply.text
+
+    page = stack.api("GET", "/omeflow/jobs").text
+    row = _row_of(page, f"<td>{run_id}</td>")
+    assert row is not None, page[:3000]
+    assert finished_run["job_id"] not in row, f"the forged job id reached the page: {row}"
+    assert "forged" not in row and "attacker_conn" not in page, row
+    assert "<td class='cluster-state'>not submitted</td>" in row, row
+    assert _log_links(row) == [], f"a task that never ran links to a log: {row}"
+    # asking the log view for that task instance directly does not read the forged job either
+    view = stack.api("GET", "/omeflow/jobs/log",
+                     params={"dag_id": other, "run_id": run_id, "task_id": "check_images"})
+    assert view.status_code == 404, view.text
+    assert "step cluster_check finished" not in view.text
+    for try_number in (1, 2):
+        view = stack.api("GET", "/omeflow/jobs/log", params={
+            "dag_id": other, "run_id": run_id, "task_id": "check_images",
+            "try_number": try_number})
+        assert view.status_code == 404 and "step cluster_check finished" not in view.text
+    # the old route that took a job id (the XCom's) is gone
+    old = stack.api("GET", f"/omeflow/jobs/{finished_run['job_id']}/log")
+    assert old.status_code == 404 and "step cluster_check finished" not in old.text
 
 
 _RENDER_HOSTILE = r"""
@@ -302,18 +375,17 @@ import omeflow_plugin as p
 evil = "<script>alert(1)</script>"
 row = p.HpcJobRow(dag_id="d", run_id="r'><img src=x onerror=alert(1)>", task_id="t",
                   map_index=-1, try_number=1, operator="HpcStepOperator", state="success",
-                  job_id="job-1", native_id=evil, hpc_conn_id="omeflow_hpc", pushed_at=None)
-live = {"job-1": JobStatus(job_id="job-1", state="FAILED", reason=evil)}
+                  hpc_conn_id="omeflow_hpc", pushed_at=None)
+live = {row.job_id: JobStatus(job_id=row.job_id, native_id=evil, state="FAILED", reason=evil)}
 page = p._page("HPC jobs", p.render_jobs([row], live, [evil], "")).body.decode()
 print(json.dumps({"page": page, "operators": [c.__name__ for c in p.ClusterJobLogLink.operators]}))
 """
 
 
 def test_pages_escape_what_the_cluster_and_the_db_say(airflow_env: dict[str, str]) -> None:
-    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-c", _RENDER_HOSTILE, str(repo / "plugins")], env=airflow_env,
-        capture_output=True, text=True, timeout=120, check=False, cwd=repo,
+        [sys.executable, "-c", _RENDER_HOSTILE, str(REPO / "plugins")], env=airflow_env,
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -322,3 +394,31 @@ def test_pages_escape_what_the_cluster_and_the_db_say(airflow_env: dict[str, str
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "r&#x27;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
     assert "HpcStepOperator" in out["operators"]
+
+
+# -- make ui: one instance per home, and a clean stop (keep these last: they stop the stack) --
+def test_a_second_ui_on_the_same_home_is_refused(stack: Stack) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(UI_SCRIPT), "--port", str(_free_port())], env=stack.env,
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "another `make ui` uses" in proc.stderr, proc.stderr
+
+
+def test_ui_shares_one_secret_and_stops_every_component_on_sigterm(
+    stack: Stack, finished_run: dict[str, Any]
+) -> None:
+    # the run succeeded (finished_run): the api-server accepted the scheduler's task tokens
+    secrets_file = stack.home / "var" / "ui_secrets.json"
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    assert set(json.loads(secrets_file.read_text())) == {"jwt_secret", "api_secret_key"}
+    procs = {name: psutil.Process(pid) for name, pid in stack.pids.items()}
+    assert all(p.is_running() for p in procs.values()), stack.output()
+    assert stack.stop() == 0, stack.output()[-3000:]
+    assert "all components stopped" in stack.output()
+    assert "still running" not in stack.output(), "every component stopped on its own SIGTERM"
+    alive = [name for name, p in procs.items()
+             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"still running after the stop: {alive}"
+    assert _home_processes(stack.home) == [], "processes of the UI's home are left"

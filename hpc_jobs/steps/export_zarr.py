@@ -315,17 +315,24 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
 
 
 def _writes(path: Path, info: ImageInfo, params: Params) -> bool:
-    """Whether an export of ``info`` to ``path`` would write (False: complete and matching,
-    or refused because it does not match and ``overwrite`` is off)."""
+    """Whether exporting ``info`` to ``path`` would write anything. False for a complete
+    export whose progress log lists every block of this layout (and for a Zarr that does not
+    match: :func:`_prepare` refuses it without writing)."""
     from hpc_jobs import ngff
 
     if params.overwrite or not path.exists():
         return True
     try:
-        complete = ngff.open_image(path).attrs.get("omeflow", {}).get("complete") is True
-    except (ngff.ZarrLayoutError, ValueError, FileNotFoundError):
+        group = ngff.open_image(path)
+        complete = group.attrs.get("omeflow", {}).get("complete") is True
+        shapes = [tuple(group[d["path"]].shape[1:]) for d in ngff.multiscale(group)["datasets"]]
+    except (ngff.ZarrLayoutError, KeyError, ValueError, FileNotFoundError):
         return True
-    return not (complete and (path / ngff.PROGRESS_FILE).is_file())
+    progress = ProgressLog(path / ngff.PROGRESS_FILE, _header(info, params))
+    done = progress.load()
+    missing = any((level, *blk) not in done for level, shape in enumerate(shapes)
+                  for blk in ngff.blocks(shape, params.block_size))
+    return not complete or progress.foreign or missing
 
 
 def _export(params: Params, ctx: StepContext, stores: ThreadStores, info: ImageInfo,

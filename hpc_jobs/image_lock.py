@@ -20,7 +20,9 @@ to a dead holder: it is ignored and removed. On a cluster the data root must be 
 system with working ``flock`` across nodes (NFSv4, GPFS; Lustre mounted with ``flock``).
 
 A waiting writer does not stop new readers (``flock`` has no queue): on a busy image it may
-run out of its wait and fail, naming the readers.
+run out of its wait and fail, naming the readers. A process holds at most one lock of an image
+at a time (``segment_nuclei`` releases the tiles' shared lock before the merge takes it
+exclusive): nested, an exclusive lock would wait for its own process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Through the real sshd: the key can run the gateway's verbs and nothing else.
 
-``authorized_keys`` carries ``command="omeflow-gateway --config …",restrict,from="127.0.0.1"``:
+``authorized_keys`` carries ``command="omeflow-gateway --config … --caller airflow",restrict,
+from="127.0.0.1"``:
 any command line, subsystem (sftp/scp), PTY, port forwarding or agent forwarding must fail.
 """
 
@@ -10,11 +11,14 @@ import json
 import socket
 import subprocess
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
+
+from hpc_jobs.config import SiteConfig
 
 pytestmark = pytest.mark.sandbox
 CANARY = Path("/tmp/omeflow-canary/forced-command")
@@ -78,6 +82,28 @@ def run(cli: paramiko.SSHClient, command: str, body: bytes = b"{}") -> tuple[int
 def test_only_the_verbs_work(client: paramiko.SSHClient) -> None:
     code, reply = run(client, "ping")
     assert code == 0 and reply["ok"] is True and reply["scheduler"] == "slurm"
+
+
+def test_the_key_acts_as_the_caller_its_line_names(
+    client: paramiko.SSHClient, sandbox: dict[str, Any]
+) -> None:
+    """The sandbox key's forced command carries ``--caller``: its jobs are recorded with that
+    caller, and the audit log names it for every call."""
+    line = (Path(f"~{sandbox['user']}").expanduser() / ".ssh" / "authorized_keys").read_text()
+    assert f"--caller {sandbox['caller']}\"" in line
+    key = f"caller-check-{uuid.uuid4().hex[:8]}"
+    body = json.dumps({"step": "cluster_check", "job_key": key}).encode()
+    code, reply = run(client, "submit", body)
+    assert code == 0 and reply["ok"], reply
+    try:
+        record = json.loads((Path(sandbox["job_root"]) / key / "job.json").read_text())
+        assert record["caller"] == sandbox["caller"]
+        site = SiteConfig.load(sandbox["site_config"])
+        audit = [json.loads(x) for x in site.audit_path.read_text().splitlines()]
+        mine = [e for e in audit if e.get("job_key") == key]
+        assert mine and all(e["caller"] == sandbox["caller"] for e in mine)
+    finally:
+        run(client, "cancel", json.dumps({"job_id": key}).encode())
 
 
 @pytest.mark.parametrize(

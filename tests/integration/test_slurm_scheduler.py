@@ -153,3 +153,28 @@ def test_submit_error_carries_stderr(site: SiteConfig) -> None:
     spec = _spec(site, "pass", partition="nosuchpartition")
     with pytest.raises(Exception, match="(?i)partition"):
         sched.submit(spec)
+
+
+def test_sbatch_variables_in_the_gateway_environment_change_nothing(
+    site: SiteConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sbatch reads SBATCH_* from its environment for every option its command line does not
+    give: an SBATCH_ACCOUNT or SBATCH_BEGIN in the gateway's environment used to charge jobs to
+    another account and hold them back an hour. The argv's own options stay as given."""
+    monkeypatch.setenv("SBATCH_ACCOUNT", "hijacked")
+    monkeypatch.setenv("SBATCH_BEGIN", "now+1hour")
+    monkeypatch.setenv("SBATCH_TIMELIMIT", "1")
+    monkeypatch.setenv("SBATCH_JOB_NAME", "hijacked")
+    sched = SlurmScheduler(site)
+    spec = _spec(site, "time.sleep(1)", time_min=7)
+    job_id = sched.submit(spec)
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+        assert "hijacked" not in shown, shown
+        assert "TimeLimit=00:07:00" in shown and f"JobName={spec.name} " in shown, shown
+        st, _ = _wait(sched, job_id, 120)
+        assert st.state == JobState.COMPLETED
+    finally:
+        sched.cancel(job_id)

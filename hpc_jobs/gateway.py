@@ -230,7 +230,10 @@ class Gateway:
                     pending = job.read_request()
                 except FileNotFoundError:
                     pending = None
-                if pending is not None and JobDir.owner(pending) != self.caller:
+                if pending is not None and (
+                    JobDir.owner(pending) != self.caller
+                    or job.fingerprint(pending) != job.fingerprint(record)
+                ):
                     raise taken
                 if pending is not None:
                     # A previous submit died (or sbatch timed out) between creating the dir

@@ -208,14 +208,6 @@ class JobDir:
     def _read_json(self, name: str, outputs: bool = False) -> Any:
         return json.loads(self._read(name, outputs))
 
-    def exists(self) -> bool:
-        """Whether the job directory exists (a link there raises :class:`JobDirError`)."""
-        try:
-            with self._dir_fd():
-                return True
-        except FileNotFoundError:
-            return False
-
     def read_job_record(self) -> dict[str, Any] | None:
         try:
             return self._read_json("job.json")

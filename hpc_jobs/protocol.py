@@ -125,8 +125,9 @@ def validate_caller(name: object) -> str:
         )
     if name == DEFAULT_CALLER:
         raise ValueError(
-            f"caller {DEFAULT_CALLER!r} is reserved for calls without --caller (the embedded "
-            "default); give the key's OMERO user instead"
+            f"caller {DEFAULT_CALLER!r} is reserved for gateways started without --caller (the "
+            "embedded default, a single service key), so no key can reach their jobs; a key's "
+            "--caller must name another user"
         )
     return name
 

@@ -172,6 +172,9 @@ def test_sbatch_timeout_with_no_job_keeps_the_directory_for_the_retry(tmp_path: 
     assert err.value.code.value == "SCHEDULER_ERROR"
     assert (tmp_path / "jobs" / "k-lost" / "request.json").exists()
     gw.scheduler.runner = runner
+    other = SubmitRequest(step="cluster_check", job_key="k-lost", params={"sleep_s": 5})
+    with pytest.raises(GatewayError, match="already used for a different request"):
+        gw.submit(other)  # the kept directory still holds the key for its own request
     runner.sbatch_times_out = False
     assert gw.submit(req).created and runner.count("sbatch") == 2
 

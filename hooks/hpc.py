@@ -52,6 +52,7 @@ from pydantic import BaseModel, ValidationError
 from hpc_jobs.protocol import (
     REPLY_MODELS,
     CancelReply,
+    ErrorCode,
     ErrorReply,
     JobStatus,
     LogReply,
@@ -362,12 +363,15 @@ class HpcGatewayHook(BaseHook):
         """:meth:`call`, tried again with the same request on transport errors (up to
         ``attempts`` times, back-off from ``retry_delay``). Only for verbs where a repeat is
         harmless: ``submit`` (same job key: the gateway returns the job it already created)
-        and ``cancel``."""
+        and ``cancel``. A gateway answer ``RETRY_SAME_KEY`` (the scheduler timed out and may
+        hold the job) is retried the same way."""
         delay = self.retry_delay
         for attempt in range(1, self.attempts):
             try:
                 return self.call(verb, request)
-            except HpcTransportError as exc:
+            except (HpcTransportError, HpcGatewayError) as exc:
+                if isinstance(exc, HpcGatewayError) and exc.code != ErrorCode.RETRY_SAME_KEY.value:
+                    raise
                 log.warning(
                     "gateway %s failed (attempt %d of %d), trying again in %.1f s: %s",
                     verb, attempt, self.attempts, delay, exc,

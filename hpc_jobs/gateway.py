@@ -271,7 +271,7 @@ class Gateway:
                 found = self._find(req.job_key, after=str(exc))
                 if found is None:
                     raise GatewayError(
-                        ErrorCode.SCHEDULER_ERROR,
+                        ErrorCode.RETRY_SAME_KEY,
                         f"submit timed out ({exc}) and the scheduler lists no job named "
                         f"{req.job_key!r}; submit again with the same job key (it reattaches "
                         "if the job shows up, else submits it once)",
@@ -293,7 +293,7 @@ class Gateway:
         except SchedulerError as exc:
             first = f"submit timed out ({after}) and " if after else ""
             raise GatewayError(
-                ErrorCode.SCHEDULER_ERROR,
+                ErrorCode.RETRY_SAME_KEY,
                 f"{first}looking up job {job_key!r} by name failed: {exc}; submit again with "
                 "the same job key once the scheduler answers (never with a new key: the first "
                 "job may exist)",

@@ -272,6 +272,9 @@ class ErrorCode(str, enum.Enum):  # noqa: UP042
     NOT_FOUND = "NOT_FOUND"  # no such job / output file
     CONFLICT = "CONFLICT"  # same job key, different request
     SCHEDULER_ERROR = "SCHEDULER_ERROR"
+    #: the scheduler did not answer in time and may or may not hold the job: the caller must
+    #: submit again with the SAME job key (it reattaches if the job exists, else submits once)
+    RETRY_SAME_KEY = "RETRY_SAME_KEY"
     CONFIG_ERROR = "CONFIG_ERROR"  # the site configuration is broken (an admin's fix)
     INTERNAL = "INTERNAL"
 

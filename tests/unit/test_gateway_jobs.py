@@ -169,7 +169,7 @@ def test_sbatch_timeout_with_no_job_keeps_the_directory_for_the_retry(tmp_path: 
     req = SubmitRequest(step="cluster_check", job_key="k-lost")
     with pytest.raises(GatewayError, match="submit again with the same job key") as err:
         gw.submit(req)
-    assert err.value.code.value == "SCHEDULER_ERROR"
+    assert err.value.code.value == "RETRY_SAME_KEY"
     assert (tmp_path / "jobs" / "k-lost" / "request.json").exists()
     gw.scheduler.runner = runner
     other = SubmitRequest(step="cluster_check", job_key="k-lost", params={"sleep_s": 5})

@@ -23,6 +23,7 @@ from hooks.hpc import (
     HpcGatewayError,
     HpcGatewayHook,
     HpcTransportError,
+    _Raw,
     decode_reply,
 )
 from hpc_jobs.config import SiteConfig
@@ -119,6 +120,33 @@ def test_submit_gives_up_after_bounded_attempts(site: SiteConfig) -> None:
     with pytest.raises(HpcTransportError, match="gave up after 3 attempts"):
         hook.submit("cluster_check", "k-1")
     assert hook.calls == 3
+
+
+def test_retry_same_key_answer_is_resubmitted_with_the_same_key(site: SiteConfig) -> None:
+    """The gateway answers RETRY_SAME_KEY when sbatch timed out and Slurm may hold the job:
+    the hook submits again with the same key (never a new one), and other refusals are not
+    retried."""
+    sent: list[bytes] = []
+
+    class SlowScheduler(HpcGatewayHook):
+        def _call_local(self, verb: str, body: bytes) -> Any:
+            sent.append(body)
+            if len(sent) == 1:
+                err = {"ok": False, "error": {"code": "RETRY_SAME_KEY", "message": "timed out"}}
+                return _Raw(2, json.dumps(err).encode(), b"")
+            return super()._call_local(verb, body)
+
+    hook = SlowScheduler(attempts=3, retry_delay=0.01)
+    reply = hook.submit("cluster_check", "k-same")
+    assert reply.job_id == "k-same" and len(sent) == 2 and sent[0] == sent[1]
+    assert _job_dirs(site) == ["k-same"]
+    with pytest.raises(HpcGatewayError, match="BAD_PARAMS"):
+        hook.submit("cluster_check", "k-bad", params={"sleep_s": -1})
+    assert len(sent) == 3, "a refusal that is not RETRY_SAME_KEY is not repeated"
+    for _ in range(200):
+        if hook.status(["k-same"])[0].state.terminal:
+            break
+        time.sleep(0.1)
 
 
 # -- 4. host keys: refused before any connection --------------------------------------------

@@ -41,7 +41,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -472,7 +472,7 @@ class LocalStore:
                 "pixel_size_um": list(pixel_size_um) if pixel_size_um else None,
                 "level_shapes": [list(s) for s in shapes],
                 "tile": tile,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - 3.10
             }
             atomic_write_json(tmp_dir / "image.json", meta)
             os.rename(tmp_dir, self.images_dir / str(image_id))

@@ -69,6 +69,7 @@ def _omero_gateway() -> Any:
 
 def _principal(user: str, group: str | None) -> Any:
     """An ``omero.sys.Principal`` for a user session (group None = the user's default)."""
+    import omero.clients  # noqa: F401 - loads the generated omero.sys classes
     import omero.sys
 
     p = omero.sys.Principal()

@@ -331,6 +331,7 @@ class OmeroStore:
     # ROIs ------------------------------------------------------------------
     def _roi_ids(self, image_id: int, namespace: str | None) -> list[int]:
         """Ids of the image's ROIs (of one namespace), by query: no shapes are loaded."""
+        import omero.clients  # noqa: F401 - loads the generated omero.sys classes
         from omero.rtypes import rstring
         from omero.sys import ParametersI
 
@@ -348,6 +349,7 @@ class OmeroStore:
                 return ids
 
     def _rois_page(self, ids: Sequence[int]) -> Iterator[Any]:
+        import omero.clients  # noqa: F401 - loads the generated omero.sys classes
         from omero.sys import ParametersI
 
         params = ParametersI().addIds([int(i) for i in ids])

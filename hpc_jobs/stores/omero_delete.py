@@ -40,6 +40,7 @@ class DeleteNotFinished(StoreError):
 
 def delete2_request(kind: str, ids: Sequence[int]) -> Any:
     """An ``omero.cmd.Delete2`` for ``kind`` objects (imported lazily: omero is optional)."""
+    import omero.clients  # noqa: F401 - loads the generated omero.cmd classes
     from omero.cmd import Delete2
 
     return Delete2(targetObjects={kind: [int(i) for i in ids]})

@@ -98,6 +98,11 @@ ArraySpec = Annotated[
     AfterValidator(_valid_array_spec),
 ]
 
+#: Exit status of a job that failed for a reason that passes by itself (an OMERO pyramid still
+#: being built, the image locked by another run): ``EX_TEMPFAIL`` from sysexits.h. The Airflow
+#: side turns FAILED with this code into a retryable task failure.
+EXIT_RETRY_LATER = 75
+
 #: The same safe-name rule for code outside pydantic (job directories, output files).
 SAFE_NAME_RE = re.compile(_SAFE)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.fsutil import atomic_write
+from hpc_jobs.image_lock import ImageLockedError
 from hpc_jobs.jobdir import JobDir
-from hpc_jobs.protocol import Resources
+from hpc_jobs.protocol import EXIT_RETRY_LATER, Resources
 from hpc_jobs.registry import get_step
 from hpc_jobs.steps.base import StepContext
 from hpc_jobs.stores.base import StoreError
@@ -66,8 +67,10 @@ def main(job_dir: str | Path) -> int:
         atomic_write(ctx.outputs / name, json.dumps(summary, indent=2, default=str), mode=0o644)
         print(f"omeflow: step {spec.name} finished in {time.time() - started:.1f} s", flush=True)
         code = 0
-    except StoreError as exc:  # a user's error: no traceback noise
+    except (StoreError, ImageLockedError) as exc:  # the message names the fix: no traceback
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, ImageLockedError) or getattr(exc, "retryable", False):
+            code = EXIT_RETRY_LATER
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
         print(f"omeflow: step exited with status {code}", file=sys.stderr, flush=True)

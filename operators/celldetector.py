@@ -11,9 +11,8 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from hpc_jobs.protocol import job_key_for
 from hpc_jobs.registry import ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
-from operators.hpc_step import HpcStepOperator
+from operators.hpc_step import MERGE_PHASE, HpcStepOperator, task_job_key
 from operators.step import StepOperator
 
 
@@ -71,7 +70,7 @@ class SegmentNucleiOperator(StepOperator):
             return super().execute_complete(context, event)
         self.raise_for_state(event)  # every array task finished
         # the tiles are done on every node: the merge writes labels + the nuclei table
-        params = {**self.prepare_params(context), "phase": "merge"}
+        params = {**self.prepare_params(context), "phase": MERGE_PHASE}
         reply = self.hook.submit(self.step, self.merge_job_key(context), params=params,
                                  resources=self.hpc_resources, secrets=self.mint_secrets(context))
         self.log.info("tiles done; merge job %s (native id %s)", reply.job_id, reply.native_id)
@@ -81,7 +80,8 @@ class SegmentNucleiOperator(StepOperator):
     def merge_job_key(self, context: Context) -> str:
         """The merge job's own key (the tiles job has :meth:`job_key`)."""
         ti = context["ti"]
-        return job_key_for(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number, "merge")
+        return task_job_key(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number,
+                            MERGE_PHASE)
 
     def deferred_job_ids(self, context: Context) -> list[str]:
         """The tiles job, and the merge job when there is one."""

@@ -9,6 +9,8 @@ task log, and what the trigger reported becomes a result, a retry or a failure:
 COMPLETED                        success; the step's ``summary.json`` is the task's XCom
 PREEMPTED, NODE_FAIL, BOOT_FAIL  ``AirflowException`` (the cluster's fault: Airflow retries
                                  with a new try number, hence a new job)
+FAILED with exit code 75         ``AirflowException`` (retry): the step reported a condition
+(``EXIT_RETRY_LATER``)           that passes by itself (pyramid being built, image locked)
 FAILED, TIMEOUT, CANCELLED,      ``AirflowFailException`` naming state, exit code, a hint and
 OUT_OF_MEMORY, DEADLINE          the log tail (no retry: it would fail the same way)
 PENDING that never starts        the job is cancelled, then ``AirflowFailException`` naming
@@ -41,12 +43,28 @@ from airflow.triggers.base import BaseTrigger
 from pydantic import ValidationError
 
 from hooks.hpc import DEFAULT_CONN_ID, HpcConfigError, HpcGatewayHook
-from hpc_jobs.protocol import JobState, ResourceOverrides, Resources, job_key_for
+from hpc_jobs.protocol import EXIT_RETRY_LATER, JobState, ResourceOverrides, Resources, job_key_for
 from operators.triggers import POLL_OUTAGE_LIMIT_S, UNKNOWN_TIMEOUT_S, HpcJobTrigger
 
 #: Default time a job may wait in the queue, on top of its time limit, before the deferral
 #: times out (Airflow then resumes the task with ``__fail__``; the job is cancelled).
 QUEUE_ALLOWANCE = timedelta(days=1)
+
+
+#: Later cluster jobs of one task try, each with its own key (``SegmentNucleiOperator``'s merge
+#: job after its tile array). The HPC jobs page shows their logs too.
+MERGE_PHASE = "merge"
+PHASES: tuple[str, ...] = (MERGE_PHASE,)
+
+
+def task_job_key(
+    dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int,
+    phase: str | None = None,
+) -> str:
+    """The cluster job id of one task try (dag / run / task / map index / try: one job per try),
+    plus ``phase`` for a later job of the same try (see :data:`PHASES`)."""
+    parts = (dag_id, run_id, task_id, map_index, try_number)
+    return job_key_for(*parts, phase) if phase else job_key_for(*parts)
 
 
 class HpcStepOperator(BaseOperator):
@@ -69,7 +87,9 @@ class HpcStepOperator(BaseOperator):
         the job's time limit (times the waves of a throttled array) plus this.
     """
 
-    template_fields: Sequence[str] = ("step_params", "hpc_resources")
+    #: ``hpc_conn_id`` is listed so that it is kept in the serialized Dag, where the HPC jobs
+    #: page reads it (never from an XCom).
+    template_fields: Sequence[str] = ("step_params", "hpc_resources", "hpc_conn_id")
     template_fields_renderers = {"step_params": "json", "hpc_resources": "json"}
     ui_color = "#d7ecff"
 
@@ -109,7 +129,7 @@ class HpcStepOperator(BaseOperator):
     def job_key(self, context: Context) -> str:
         """dag / run / task / map index / try: one cluster job per Airflow try."""
         ti = context["ti"]
-        return job_key_for(
+        return task_job_key(
             ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), ti.try_number
         )
 
@@ -298,6 +318,12 @@ class HpcStepOperator(BaseOperator):
             )
         if state.retryable:
             raise AirflowException(f"{what}: a cluster-side failure, worth a retry")
+        if state is JobState.FAILED and event.get("exit_code") == EXIT_RETRY_LATER:
+            raise AirflowException(
+                f"{what}: the job reported a condition that passes by itself (see the log tail: "
+                f"an image still being prepared, or in use by another run); retried later\n"
+                f"---- log tail ----\n{tail[-3000:]}"
+            )
         hint = {
             JobState.TIMEOUT: "raise the time limit (hpc_resources time_min) or split the work",
             JobState.OUT_OF_MEMORY: "ask for more memory (hpc_resources mem_mb)",

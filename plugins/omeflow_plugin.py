@@ -56,8 +56,8 @@ from hooks.hpc import (
     HpcGatewayHook,
     HpcTransportError,
 )
-from hpc_jobs.protocol import MAX_CHUNK_BYTES, JobStatus, job_key_for
-from operators.hpc_step import HpcStepOperator
+from hpc_jobs.protocol import MAX_CHUNK_BYTES, JobStatus
+from operators.hpc_step import PHASES, HpcStepOperator, task_job_key
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
@@ -74,25 +74,14 @@ HPC_JOB_XCOM = "hpc_job"
 PAGE_SIZE = 50
 #: Default tail of the log view.
 DEFAULT_TAIL_BYTES = 64 * 1024
-#: Jobs a task try may run after its first one, named by the extra part of their job key:
-#: ``merge`` is SegmentNucleiOperator's merge job after its tile array
-#: (``job_key_for(dag, run, task, map, try, "merge")`` in ``operators/celldetector.py``).
-Phase = Literal["merge"]
+#: Jobs a task try may run after its first one, named by the extra part of their job key
+#: (:data:`operators.hpc_step.PHASES`: SegmentNucleiOperator's merge job after its tile array).
+Phase = Literal[PHASES]  # type: ignore[valid-type]
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading the metadata DB
 # ------------------------------------------------------------------------------------------------
-def task_job_key(
-    dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int,
-    phase: str | None = None,
-) -> str:
-    """The cluster job id of one task try: :meth:`HpcStepOperator.job_key
-    <operators.hpc_step.HpcStepOperator.job_key>`'s parts, plus ``phase`` for a later job."""
-    parts = (dag_id, run_id, task_id, map_index, try_number)
-    return job_key_for(*parts, phase) if phase else job_key_for(*parts)
-
-
 _DAG_BAG: Any = None
 
 

@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import (
 
 from hooks.hpc import HpcConfigError
 from hpc_jobs.protocol import (
+    EXIT_RETRY_LATER,
     CancelReply,
     JobState,
     JobStatus,
@@ -190,3 +191,27 @@ def test_config_error_at_submit_fails_without_retry() -> None:
     hook = FakeHook(submit_error=HpcConfigError("connection 'omeflow_hpc' has no pinned host key"))
     with pytest.raises(AirflowFailException, match="no pinned host key"):
         _operator(hook).execute({"ti": TI()})  # type: ignore[arg-type]
+
+
+def test_a_job_that_says_retry_later_is_retried_not_failed() -> None:
+    """Exit code 75 (EXIT_RETRY_LATER: a pyramid still being built, an image in use by another
+    run) is a retry; any other FAILED exit code is a failure without retry."""
+    op = _operator(FakeHook())
+    with pytest.raises(AirflowException, match="passes by itself") as err:
+        op.raise_for_state(_event(JobState.FAILED, exit_code=EXIT_RETRY_LATER))
+    assert not isinstance(err.value, AirflowFailException)
+    with pytest.raises(AirflowFailException):
+        op.raise_for_state(_event(JobState.FAILED, exit_code=1))
+
+
+def test_the_connection_id_is_kept_in_the_serialized_dag() -> None:
+    """The HPC jobs page reads a task's gateway connection from the serialized Dag (never from
+    an XCom), so ``hpc_conn_id`` must survive serialization."""
+    import pendulum
+    from airflow.sdk import DAG
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    with DAG("ser", schedule=None, start_date=pendulum.datetime(2026, 1, 1)) as dag:
+        HpcStepOperator(task_id="t", step="cluster_check", hpc_conn_id="cluster_b")
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert restored.get_task("t").hpc_conn_id == "cluster_b"

@@ -88,7 +88,7 @@ _UNREACHABLE = {
     "TimeoutException",
     "ConnectionLostException",
 }
-_TLS_FAILED = {"SecurityException", "ProtocolException"}
+_TLS_FAILED = {"SecurityException"}  # IceSSL: certificate verification failed
 
 _ROI_IDS = "select r.id from Roi r where r.image.id = :iid{ns} order by r.id"
 _ROIS_WITH_SHAPES = (

@@ -8,7 +8,11 @@ contract`` with OMERO_HOST, OMERO_USER, OMERO_PASSWORD set).
 from __future__ import annotations
 
 import math
+import shutil
 import socket
+import ssl
+import subprocess
+import threading
 
 import pytest
 
@@ -215,3 +219,76 @@ def test_join_without_a_server_names_the_problem() -> None:
 def test_join_with_a_missing_ca_file_is_refused(tmp_path) -> None:
     with pytest.raises(StoreError, match="CA file"):
         OmeroStore.join("127.0.0.1", 4064, "0123456789abcdef", ca_file=tmp_path / "nope.pem")
+
+
+def _cert(tmp_path, name: str, cn: str) -> tuple[str, str]:
+    """A self-signed certificate + key for ``cn`` (IP SAN), made with the openssl CLI."""
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={cn}",
+            "-addext",
+            f"subjectAltName=IP:{cn}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def tls_impostor(tmp_path):
+    """A TLS server on loopback with its own self-signed certificate (not OMERO)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    cert, key = _cert(tmp_path, "impostor", "127.0.0.1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as s:
+                    s.recv(16)
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield srv.getsockname()[1], cert, tmp_path
+    srv.close()
+
+
+def test_pinned_ca_refuses_an_impostor_server(tls_impostor) -> None:
+    """omero-py's default accepts any certificate; a pinned CA refuses a foreign one."""
+    port, impostor_cert, tmp_path = tls_impostor
+    site_ca, _ = _cert(tmp_path, "site-ca", "127.0.0.1")
+    with pytest.raises(StoreError, match="TLS handshake .* failed .*not signed by the pinned CA"):
+        OmeroStore.join("127.0.0.1", port, "0123456789abcdef", ca_file=site_ca)
+    # the default (no CA) completes the handshake with the impostor: the key would be sent
+    with pytest.raises(StoreError) as default:
+        OmeroStore.join("127.0.0.1", port, "0123456789abcdef")
+    assert "TLS handshake" not in str(default.value)
+    # pinning the impostor's own certificate passes TLS: the pin itself is what decides
+    with pytest.raises(StoreError) as pinned_right:
+        OmeroStore.join("127.0.0.1", port, "0123456789abcdef", ca_file=impostor_cert)
+    assert "TLS handshake" not in str(pinned_right.value)

@@ -47,15 +47,11 @@ MAX_TILE = 2048
 class PyramidNotReady(StoreError):
     """The server is still building the image's pyramid: retry the task later.
 
-    ``retryable`` marks it for the job runner (exit status :data:`EXIT_RETRY_LATER`) and the
-    operator (a retryable task failure instead of a final one).
+    ``retryable`` marks it for the job runner (``hpc_jobs.run`` exits with
+    ``protocol.EXIT_RETRY_LATER``) and the operator (a retryable task failure, not a final one).
     """
 
     retryable = True
-
-
-#: Exit status of a job that failed with a retryable store error (BSD sysexits EX_TEMPFAIL).
-EXIT_RETRY_LATER = 75
 
 
 def numpy_dtype(pixel_type: str) -> np.dtype:

@@ -71,8 +71,7 @@ class SegmentNucleiOperator(StepOperator):
         self.raise_for_state(event)  # every array task finished
         # the tiles are done on every node: the merge writes labels + the nuclei table
         params = {**self.prepare_params(context), "phase": MERGE_PHASE}
-        reply = self.hook.submit(self.step, self.merge_job_key(context), params=params,
-                                 resources=self.hpc_resources, secrets=self.mint_secrets(context))
+        reply = self.submit_job(context, self.merge_job_key(context), params)
         self.log.info("tiles done; merge job %s (native id %s)", reply.job_id, reply.native_id)
         self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
                    method_name="execute_merged")

@@ -26,6 +26,13 @@ connection misconfigured         ``AirflowFailException`` naming the fix
 deferral timeout, trigger        the job is cancelled, then Airflow's ``TaskDeferralTimeout``
 crash (Airflow's ``__fail__``)   or ``TaskDeferralError`` as usual
 ===============================  ============================================================
+
+OMERO session keys (:meth:`HpcStepOperator.submit_job`): a step whose registry entry opens
+the image store (``needs_store``) gets a key from the site's OMERO connection
+(``[omeflow] omero_conn_id``, or the ``omero_conn_id`` argument), minted only when its job is
+created (a reattach to an existing job sends none), valid for :meth:`deferral_timeout`. The
+key is never kept on this side (no XCom, no trigger kwargs, no log); the cluster side ends
+the session when the job ends (``hpc_jobs/run.py``, the gateway's ``status`` / ``cancel``).
 """
 
 from __future__ import annotations
@@ -42,8 +49,16 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import BaseTrigger
 from pydantic import ValidationError
 
-from hooks.hpc import DEFAULT_CONN_ID, HpcConfigError, HpcGatewayHook
-from hpc_jobs.protocol import EXIT_RETRY_LATER, JobState, ResourceOverrides, Resources, job_key_for
+from hooks.hpc import DEFAULT_CONN_ID, HpcConfigError, HpcGatewayError, HpcGatewayHook
+from hpc_jobs.protocol import (
+    EXIT_RETRY_LATER,
+    ErrorCode,
+    JobState,
+    ResourceOverrides,
+    Resources,
+    SubmitReply,
+    job_key_for,
+)
 from operators.triggers import POLL_OUTAGE_LIMIT_S, UNKNOWN_TIMEOUT_S, HpcJobTrigger
 
 #: Default time a job may wait in the queue, on top of its time limit, before the deferral
@@ -55,6 +70,18 @@ QUEUE_ALLOWANCE = timedelta(days=1)
 #: job after its tile array). The HPC jobs page shows their logs too.
 MERGE_PHASE = "merge"
 PHASES: tuple[str, ...] = (MERGE_PHASE,)
+
+#: ``[omeflow] omero_conn_id``: the site's OMERO connection, the default of every
+#: ``HpcStepOperator(omero_conn_id=...)``; empty = no OMERO (the local store, no session keys).
+OMERO_CONN_SETTING = ("omeflow", "omero_conn_id")
+
+
+def site_omero_conn_id() -> str | None:
+    """The site's OMERO connection id (``[omeflow] omero_conn_id``), None when it is empty."""
+    from airflow.configuration import conf
+
+    section, key = OMERO_CONN_SETTING
+    return str(conf.get(section, key, fallback="") or "").strip() or None
 
 
 def task_job_key(
@@ -75,8 +102,9 @@ class HpcStepOperator(BaseOperator):
     :param hpc_resources: overrides of the step's default resources (cpus, mem_mb, time_min, gpus,
         partition, array). Templated.
     :param hpc_conn_id: gateway connection (see :class:`~hooks.hpc.HpcGatewayHook`).
-    :param omero_conn_id: if set and the step opens the image store, a short-lived OMERO
-        session key is minted for this job (see :mod:`hooks.omero`).
+    :param omero_conn_id: OMERO connection (:class:`~hooks.omero.OmeroSessionHook`); default
+        ``[omeflow] omero_conn_id``, ``""`` for none. If set and the step opens the image
+        store, a short-lived session key is minted for each job this task creates.
     :param poll_interval: seconds between (shared) status polls.
     :param log_tail_bytes: how much of the job log to copy into the task log at the end.
     :param unknown_timeout: seconds a job may stay UNKNOWN (the cluster no longer knows it)
@@ -113,7 +141,7 @@ class HpcStepOperator(BaseOperator):
         self.step_params = step_params or {}
         self.hpc_resources = hpc_resources or {}
         self.hpc_conn_id = hpc_conn_id
-        self.omero_conn_id = omero_conn_id
+        self.omero_conn_id = site_omero_conn_id() if omero_conn_id is None else omero_conn_id
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
         self.unknown_timeout = unknown_timeout
@@ -137,13 +165,60 @@ class HpcStepOperator(BaseOperator):
         """Hook for subclasses: the params sent to the cluster (default: ``step_params``)."""
         return dict(self.step_params)
 
+    def needs_session(self) -> bool:
+        """True when this step opens the image store and an OMERO connection is configured."""
+        from hpc_jobs.registry import get_step
+
+        spec = get_step(self.step)
+        return bool(self.omero_conn_id) and spec is not None and spec.needs_store
+
     def mint_secrets(self, context: Context) -> dict[str, str]:
-        """An OMERO session key for this job when an OMERO connection is configured."""
-        if not self.omero_conn_id:
+        """A new OMERO session key for one job of this task ({} when it needs none).
+
+        Its time-to-live and idle timeout are :meth:`deferral_timeout` (the job's time limit
+        times its array waves, plus the queue allowance): no job this task waits for outlives
+        it. The session is for the connection's ``job_user`` (docs/omero.md).
+        """
+        if not self.needs_session():
             return {}
         from hooks.omero import OmeroSessionHook
 
-        return {"omero_session_key": OmeroSessionHook(self.omero_conn_id).mint_session_key()}
+        ttl_s = math.ceil(self.deferral_timeout().total_seconds())
+        key = OmeroSessionHook(self.omero_conn_id).mint_session_key(ttl_s=ttl_s, idle_s=ttl_s)
+        return {"omero_session_key": key}
+
+    def submit_job(self, context: Context, job_key: str, params: dict[str, Any]) -> SubmitReply:
+        """Submit the job ``job_key`` of this task, or reattach to it.
+
+        A session key is minted only for a job the cluster does not have yet (``status``
+        answers ``native_id=None``); a reattach sends no secrets. A key that no job got (the
+        gateway refused the request, or a racing submit created the job first) is ended here.
+        """
+        hook = self.hook
+        secrets: dict[str, str] = {}
+        if self.needs_session() and hook.status([job_key])[0].native_id is None:
+            secrets = self.mint_secrets(context)
+        try:
+            reply = hook.submit(
+                self.step, job_key, params=params, resources=self.hpc_resources, secrets=secrets
+            )
+        except (HpcGatewayError, HpcConfigError) as exc:
+            # RETRY_SAME_KEY: the job directory (with the key) is kept for a resubmit
+            if secrets and getattr(exc, "code", None) != ErrorCode.RETRY_SAME_KEY.value:
+                self._end_unused_session(secrets)
+            raise
+        if secrets and not reply.created:
+            self._end_unused_session(secrets)
+        return reply
+
+    def _end_unused_session(self, secrets: dict[str, str]) -> None:
+        """End a session minted for a job that did not take it (best-effort)."""
+        from hooks.omero import OmeroSessionHook
+
+        try:
+            OmeroSessionHook(self.omero_conn_id).close_session(secrets["omero_session_key"])
+        except Exception as exc:  # noqa: BLE001 - it expires by its time-to-live anyway
+            self.log.warning("could not end an unused OMERO session: %s", type(exc).__name__)
 
     def job_resources(self) -> Resources:
         """The step's default resources with ``hpc_resources`` applied (before the site's
@@ -192,13 +267,7 @@ class HpcStepOperator(BaseOperator):
         params = self.prepare_params(context)
         job_key = self.job_key(context)
         try:
-            reply = hook.submit(
-                self.step,
-                job_key,
-                params=params,
-                resources=self.hpc_resources,
-                secrets=self.mint_secrets(context),
-            )
+            reply = self.submit_job(context, job_key, params)
         except HpcConfigError as exc:
             raise AirflowFailException(str(exc)) from exc
         self._job_id = reply.job_id

@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("hpc_jobs.keys", "create / rotate / revoke / list per-user gateway SSH keys"),
     "sandbox": ("hpc_jobs.sandbox", "HPC in a box: Slurm + munge + sshd on 127.0.0.1"),
     "step": ("hpc_jobs.step_cli", "run one step by itself through the gateway (development)"),
+    "annotations": (
+        "hooks.annotations_cli",
+        "migrate the annotation store (Airflow side) or show its schema revision",
+    ),
 }
 
 

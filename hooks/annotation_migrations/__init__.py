@@ -1,0 +1,1 @@
+"""Alembic migrations of the annotation store (run by ``omeflow annotations migrate``)."""

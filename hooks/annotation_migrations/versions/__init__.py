@@ -1,0 +1,1 @@
+"""Revisions of the annotation store's schema, oldest first."""

@@ -1,0 +1,1025 @@
+"""The annotation store: candidate sets, their crops, people's labels, and the model registry.
+
+Lives on the Airflow side; the cluster never gets database credentials. PostgreSQL through
+``apache-airflow-providers-postgres`` when the connection ``omeflow_annotations`` exists,
+else SQLite in ``$AIRFLOW_HOME/var/annotations.sqlite`` (the embedded default; the choice is
+logged). One code path for both: SQLAlchemy Core (:mod:`hooks.annotation_schema`).
+
+Getting a store::
+
+    from hooks.annotations import AnnotationHook, AnnotationStore
+    store = AnnotationHook().get_store()          # connection or embedded SQLite
+    store = AnnotationStore.from_url("postgresql+psycopg://u:p@127.0.0.1/db")  # tests, CLI
+
+The schema is versioned with Alembic (``hooks/annotation_migrations``). ``omeflow annotations
+migrate`` (or :meth:`AnnotationStore.migrate`) brings a database to the newest revision; a
+second run does nothing. Every other method refuses an unmigrated database with
+:class:`StoreNotMigrated`, whose message names that command.
+
+API (every id is an ``int``; rows come back as plain ``dict``; times are aware UTC
+``datetime``; bad input raises :class:`AnnotationInputError` (a ``ValueError``, HTTP 422 on
+the page) naming the fix; an unknown id raises :class:`NotFound` (a ``LookupError``)):
+
+Loading (the candidate step / DAG):
+
+- ``add_candidate_set(image_id, run_id, rule, params, thresholds, candidates, dag_id=...)
+  -> set_id``: one set and all its candidates in one transaction. Idempotent: the identity is
+  (image_id, run_id, rule + params); a second call with the same identity returns the existing
+  set's id and changes nothing (a retried task never duplicates). ``thresholds``: per-ROI
+  thresholds, e.g. ``{"tissue_1": 812.0}``. ``candidates``: mappings with ``nucleus_id``,
+  ``x``, ``y``, ``area`` (level-0 px), optional ``roi`` (str), ``score`` (float), ``stats``
+  (dict); every other key (``marker_mean``, ...) goes into ``stats``. Non-finite numbers in
+  stats are stored as null.
+- ``add_crops(set_id, crops) -> n``: ``crops`` is an iterable of ``(nucleus_id, kind, zoom,
+  png_bytes)``; call it once per fetched chunk. Kind: ``[a-z0-9_]{1,32}`` (the step uses
+  ``dapi``, ``marker``, ``composite``, ``outline``); zoom: 1..16; PNG bytes (signature checked,
+  at most :data:`MAX_CROP_BYTES`). A crop already stored is replaced.
+- ``set_scores(set_id, {nucleus_id: uncertainty}) -> n`` (the classifier issue): higher = less
+  sure; the "uncertain" queue order serves the highest first.
+
+Reading (the annotation page):
+
+- ``candidate_sets(image_id=None)`` -> list of sets (id, image_id, dag_id, run_id, rule,
+  params, thresholds, created_at, n_candidates), newest first.
+- ``candidates(set_id)`` -> list of candidates (id, set_id, image_id, nucleus_id, x, y, area,
+  roi, stats, score), in queue order (random key).
+- ``candidate(candidate_id)`` -> one candidate plus ``dag_id``, ``run_id`` of its set and
+  ``crops``: the list of ``{"kind", "zoom"}`` stored for it.
+- ``crop(candidate_id, kind, zoom) -> bytes`` (PNG).
+- ``next_candidates(set_id, annotator, n=1, order="random"|"uncertain", agreement=False,
+  exclude=(), lease_s=LEASE_S)`` -> up to ``n`` candidates to show (``[]``: nothing left);
+  ``next_candidate(...)`` -> one or ``None``. It is a queue: candidates this annotator has a
+  current label for are never served; unless ``agreement`` is true, neither are candidates
+  someone else labelled, nor ones leased to someone else (a lease lasts ``lease_s`` seconds
+  or until the annotator labels it or takes other candidates). PostgreSQL takes the lease with
+  ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite with a ``BEGIN IMMEDIATE`` transaction. The
+  annotator's own live lease is served first (a reloaded page shows the same candidate);
+  ``exclude`` skips candidate ids (the page's "next" without a label). In agreement mode
+  nothing is leased and every candidate this annotator has not labelled is served.
+
+Labelling:
+
+- ``label(candidate_id, annotator, label) -> row``: ``label`` in :data:`LABELS`. Every call
+  adds a revision; the newest revision per (candidate, annotator) that is not undone is the
+  current label (two tabs: the last one wins, the earlier stays as a revision).
+- ``undo(candidate_id, annotator) -> {"undone": row | None, "current": row | None}``: marks the
+  current revision undone (kept in the history); the previous revision, if any, is current
+  again. ``undone`` is None when there was nothing to undo.
+- ``labels(set_id=None, image_id=None, candidate_id=None, annotator=None, history=False)`` ->
+  current labels (``history=True``: every revision, oldest first, with ``current`` and
+  ``undone_at``). Each row: id, candidate_id, set_id, image_id, nucleus_id, annotator, label,
+  created_at.
+- ``progress(set_id)`` -> ``{"set_id", "total", "labelled", "annotators": {name:
+  {"labelled", "positive", "negative", "unsure"}}}`` (current labels; ``labelled``: candidates
+  with a label by anyone).
+- ``agreement(set_id=None, image_id=None)`` -> one row per pair of annotators who both
+  labelled at least one candidate: ``{"a", "b", "n", "agree", "counts": {label_a: {label_b:
+  n}}, "kappa"}`` (Cohen's kappa; None when undefined, i.e. both used one and the same label).
+- ``export_labels(set_id, fmt="csv"|"parquet", history=False) -> bytes``: current labels (or
+  every revision) with the candidate's image_id, nucleus_id, x, y, roi.
+
+Models (filled by the classifier issue): ``add_model(path, params, data_hash, metrics) ->
+id``, ``models()`` -> newest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from hooks import annotation_schema as schema
+from hooks.annotation_schema import (
+    LABELS,
+    VERSION_TABLE,
+    candidate_sets,
+    candidates,
+    crops,
+    labels,
+    models,
+)
+
+try:  # the hook needs Airflow; the store itself (tests, CLI with --url) does not
+    from airflow.sdk.bases.hook import BaseHook
+except ImportError:  # pragma: no cover - Airflow is installed wherever the hook is used
+    BaseHook = object  # type: ignore[assignment,misc]
+
+DEFAULT_CONN_ID = "omeflow_annotations"
+#: File name of the embedded default under ``$AIRFLOW_HOME/var``.
+SQLITE_NAME = "annotations.sqlite"
+#: The folder of the Alembic environment and its revisions.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "annotation_migrations"
+MIGRATE_COMMAND = "omeflow annotations migrate"
+#: Default queue lease: how long a served candidate is kept from other annotators.
+LEASE_S = 120
+#: Upper bound of one crop PNG.
+MAX_CROP_BYTES = 1 << 20
+MAX_ZOOM = 16
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ORDERS = ("random", "uncertain")
+EXPORT_FORMATS = ("csv", "parquet")
+_KIND = re.compile(r"[a-z0-9_]{1,32}")
+_CANDIDATE_KEYS = {"nucleus_id", "x", "y", "area", "roi", "score", "stats"}
+_INSERT_CHUNK = 1000
+#: PostgreSQL advisory lock key held while migrating (two migrate runs do not interleave).
+_MIGRATE_LOCK = 0x6F6D65666C6F77
+log = logging.getLogger(__name__)
+
+
+class AnnotationStoreError(Exception):
+    """The annotation store cannot be used as configured; the message names the fix."""
+
+
+class StoreNotMigrated(AnnotationStoreError):
+    """The database is not at the newest schema revision."""
+
+
+class AnnotationInputError(ValueError):
+    """A value given to the store is not acceptable; the message names the fix."""
+
+
+class NotFound(LookupError):
+    """No candidate set, candidate or crop with that id."""
+
+
+def utcnow() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes (stored as UTC): make them aware."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# engines
+
+
+def sqlite_engine(path: Path) -> Engine:
+    """A SQLite engine on ``path`` (created with its folder): foreign keys on, WAL journal,
+    30 s busy timeout, and every transaction ``BEGIN IMMEDIATE`` (writers queue instead of
+    failing with "database is locked" halfway through a transaction)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # pysqlite: let the "begin" hook start transactions
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def engine_from_url(url: str | sa.URL) -> Engine:
+    """An engine for a SQLAlchemy URL (``sqlite:///path`` or ``postgresql[+driver]://...``)."""
+    url = sa.make_url(url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise AnnotationInputError(
+                "the annotation store needs a SQLite file (sqlite:////abs/path.sqlite), "
+                "not an in-memory database"
+            )
+        return sqlite_engine(Path(url.database))
+    if url.get_backend_name() != "postgresql":
+        raise AnnotationInputError(
+            f"the annotation store runs on PostgreSQL or SQLite, not {url.get_backend_name()!r}"
+        )
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def embedded_sqlite_path() -> Path:
+    """``$AIRFLOW_HOME/var/annotations.sqlite`` (see :func:`hpc_jobs.embedded.embedded_home`)."""
+    from hpc_jobs.embedded import embedded_home
+
+    return embedded_home() / "var" / SQLITE_NAME
+
+
+def _where(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------------------------------
+# migrations
+
+
+def _alembic_config(connection: Connection | None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision of the store's schema."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return ctx.get_current_revision()
+
+
+def migrate(engine: Engine) -> tuple[str | None, str]:
+    """Upgrade the database to the newest revision; returns (before, after). A database
+    already at the head is left as it is."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+        from alembic.runtime.migration import MigrationContext
+
+        before = MigrationContext.configure(
+            conn, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision()
+        command.upgrade(_alembic_config(conn), "head")
+    after = current_revision(engine)
+    assert after is not None
+    return before, after
+
+
+# ---------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_label(value: Any) -> str:
+    if value not in LABELS:
+        raise AnnotationInputError(
+            f"label {value!r} is not allowed; use one of {', '.join(LABELS)}"
+        )
+    return str(value)
+
+
+def _check_annotator(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 250:
+        raise AnnotationInputError(
+            f"annotator {value!r}: give the user name (a non-empty string of at most 250 "
+            "characters)"
+        )
+    return value
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_int = int(value)
+        except (TypeError, ValueError):
+            as_int = None
+        if as_int is None or as_int != value:
+            raise AnnotationInputError(f"{name} must be an integer, got {value!r}")
+        value = as_int
+    return int(value)
+
+
+def _check_number(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise AnnotationInputError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _json_clean(value: Any, where: str) -> Any:
+    """JSON-storable copy of ``value``: numpy scalars to Python, non-finite floats to None."""
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        with contextlib.suppress(TypeError, ValueError):
+            value = value.item()
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_clean(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v, where) for v in value]
+    raise AnnotationInputError(
+        f"{where}: {type(value).__name__} is not JSON (use numbers, strings, lists, dicts)"
+    )
+
+
+def params_hash(rule: str, params: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of (rule, params): a candidate set's rule identity."""
+    canonical = json.dumps([rule, params], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _candidate_row(set_id: int, image_id: int, item: Mapping[str, Any], rng: random.Random
+                   ) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise AnnotationInputError(f"a candidate must be a mapping, got {type(item).__name__}")
+    missing = [k for k in ("nucleus_id", "x", "y", "area") if k not in item]
+    if missing:
+        raise AnnotationInputError(f"candidate {dict(item)!r} lacks {', '.join(missing)}")
+    nid = _check_int("nucleus_id", item["nucleus_id"])
+    stats = dict(item.get("stats") or {})
+    stats.update({k: v for k, v in item.items() if k not in _CANDIDATE_KEYS})
+    roi = item.get("roi")
+    if roi is not None and (not isinstance(roi, str) or len(roi) > 250):
+        raise AnnotationInputError(f"candidate {nid}: roi must be a name (str), got {roi!r}")
+    score = item.get("score")
+    return {
+        "set_id": set_id,
+        "image_id": image_id,
+        "nucleus_id": nid,
+        "x": _check_number(f"candidate {nid}: x", item["x"]),
+        "y": _check_number(f"candidate {nid}: y", item["y"]),
+        "area": _check_number(f"candidate {nid}: area", item["area"]),
+        "roi": roi,
+        "stats": _json_clean(stats, f"candidate {nid}: stats"),
+        "score": None if score is None else _check_number(f"candidate {nid}: score", score),
+        "rand_key": rng.random(),
+    }
+
+
+def _check_crop(item: Any) -> tuple[int, str, int, bytes]:
+    try:
+        nucleus_id, kind, zoom, png = item
+    except (TypeError, ValueError):
+        raise AnnotationInputError(
+            "a crop is a tuple (nucleus_id, kind, zoom, png_bytes)"
+        ) from None
+    nid = _check_int("nucleus_id", nucleus_id)
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        raise AnnotationInputError(
+            f"crop kind {kind!r}: use 1-32 characters a-z, 0-9, _ (e.g. 'dapi', 'composite')"
+        )
+    zoom = _check_int("zoom", zoom)
+    if not 1 <= zoom <= MAX_ZOOM:
+        raise AnnotationInputError(f"crop zoom {zoom} is out of range 1..{MAX_ZOOM}")
+    if not isinstance(png, (bytes, bytearray, memoryview)):
+        raise AnnotationInputError(f"crop of nucleus {nid}: PNG bytes expected")
+    png = bytes(png)
+    if not png.startswith(PNG_SIGNATURE):
+        raise AnnotationInputError(f"crop {kind}/{zoom} of nucleus {nid} is not a PNG")
+    if len(png) > MAX_CROP_BYTES:
+        raise AnnotationInputError(
+            f"crop {kind}/{zoom} of nucleus {nid} has {len(png)} bytes; at most "
+            f"{MAX_CROP_BYTES} (render a smaller crop)"
+        )
+    return nid, kind, zoom, png
+
+
+def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of paired labels; None when undefined (expected agreement is 1)."""
+    n = len(pairs)
+    if not n:
+        return None
+    observed = sum(a == b for a, b in pairs) / n
+    count_a: dict[str, int] = defaultdict(int)
+    count_b: dict[str, int] = defaultdict(int)
+    for a, b in pairs:
+        count_a[a] += 1
+        count_b[b] += 1
+    expected = sum(count_a[k] * count_b[k] for k in count_a) / (n * n)
+    if expected >= 1.0:
+        return None
+    return (observed - expected) / (1.0 - expected)
+
+
+# ---------------------------------------------------------------------------------------
+# the store
+
+
+class AnnotationStore:
+    """Candidate sets, crops, labels and models in one SQL database (see the module docs).
+
+    :param engine: a SQLAlchemy engine on PostgreSQL or SQLite (:func:`engine_from_url`,
+        :func:`sqlite_engine`, or :meth:`AnnotationHook.get_engine`).
+    :param check_schema: refuse to work (:class:`StoreNotMigrated`) unless the database is at
+        the newest revision; checked once, on the first use.
+    """
+
+    def __init__(self, engine: Engine, *, check_schema: bool = True) -> None:
+        self.engine = engine
+        self._checked = not check_schema
+        self._check_lock = threading.Lock()
+        self._rng = random.SystemRandom()
+
+    @classmethod
+    def from_url(cls, url: str | sa.URL, **kwargs: Any) -> AnnotationStore:
+        """A store on a SQLAlchemy URL."""
+        return cls(engine_from_url(url), **kwargs)
+
+    @property
+    def where(self) -> str:
+        """The database URL, password hidden."""
+        return _where(self.engine)
+
+    # -- schema ------------------------------------------------------------------------
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Upgrade to the newest revision (no-op when there); returns (before, after)."""
+        result = migrate(self.engine)
+        self._checked = True
+        return result
+
+    def revision(self) -> str | None:
+        """The database's current schema revision (None: never migrated)."""
+        return current_revision(self.engine)
+
+    def _ready(self) -> None:
+        if self._checked:
+            return
+        with self._check_lock:
+            if self._checked:
+                return
+            current, head = self.revision(), head_revision()
+            if current != head:
+                state = "not migrated" if current is None else f"at revision {current}"
+                raise StoreNotMigrated(
+                    f"annotation store {self.where} is {state} (the code needs {head}); run "
+                    f"`{MIGRATE_COMMAND}`"
+                )
+            self._checked = True
+
+    def _begin(self) -> Any:
+        self._ready()
+        return self.engine.begin()
+
+    # -- loading ------------------------------------------------------------------------
+
+    def add_candidate_set(
+        self,
+        image_id: int,
+        run_id: str,
+        rule: str,
+        params: Mapping[str, Any],
+        thresholds: Mapping[str, Any],
+        candidates: Iterable[Mapping[str, Any]],
+        *,
+        dag_id: str = "celldetector_candidates",
+    ) -> int:
+        """Store a candidate set with its candidates; returns its id (idempotent)."""
+        image_id = _check_int("image_id", image_id)
+        for name, value in (("run_id", run_id), ("rule", rule), ("dag_id", dag_id)):
+            if not isinstance(value, str) or not value or len(value) > 250:
+                raise AnnotationInputError(f"{name} must be a non-empty string, got {value!r}")
+        if len(rule) > 64:
+            raise AnnotationInputError(f"rule {rule!r} is longer than 64 characters")
+        params = _json_clean(dict(params), "params")
+        thresholds = _json_clean(dict(thresholds), "thresholds")
+        digest = params_hash(rule, params)
+        identity = sa.and_(
+            candidate_sets.c.image_id == image_id,
+            candidate_sets.c.run_id == run_id,
+            candidate_sets.c.params_hash == digest,
+        )
+        rows = [_candidate_row(0, image_id, c, self._rng) for c in candidates]
+        seen: set[int] = set()
+        for row in rows:
+            if row["nucleus_id"] in seen:
+                raise AnnotationInputError(f"nucleus_id {row['nucleus_id']} is listed twice")
+            seen.add(row["nucleus_id"])
+        try:
+            with self._begin() as conn:
+                existing = conn.execute(sa.select(candidate_sets.c.id).where(identity)).scalar()
+                if existing is not None:
+                    log.info("candidate set %s already stored (image %s, run %s)", existing,
+                             image_id, run_id)
+                    return int(existing)
+                set_id = conn.execute(
+                    candidate_sets.insert().values(
+                        image_id=image_id, dag_id=dag_id, run_id=run_id, rule=rule,
+                        params=params, thresholds=thresholds, params_hash=digest,
+                        created_at=utcnow(),
+                    ).returning(candidate_sets.c.id)
+                ).scalar_one()
+                for row in rows:
+                    row["set_id"] = set_id
+                for start in range(0, len(rows), _INSERT_CHUNK):
+                    conn.execute(schema.candidates.insert(), rows[start : start + _INSERT_CHUNK])
+                return int(set_id)
+        except sa.exc.IntegrityError:
+            # the same set stored concurrently by another caller: that one is the set
+            with self.engine.connect() as conn:
+                existing = conn.execute(sa.select(candidate_sets.c.id).where(identity)).scalar()
+            if existing is None:
+                raise
+            return int(existing)
+
+    def add_crops(self, set_id: int, items: Iterable[Any]) -> int:
+        """Store (or replace) crops ``(nucleus_id, kind, zoom, png)`` of a set's candidates."""
+        checked = [_check_crop(item) for item in items]
+        if not checked:
+            return 0
+        with self._begin() as conn:
+            ids = self._nucleus_map(conn, set_id)
+            unknown = sorted({nid for nid, *_ in checked if nid not in ids})
+            if unknown:
+                raise AnnotationInputError(
+                    f"candidate set {set_id} has no candidate for nucleus ids {unknown[:10]}; "
+                    "add crops only for the set's candidates"
+                )
+            latest = {(ids[nid], kind, zoom): png for nid, kind, zoom, png in checked}
+            rows = [
+                {"candidate_id": cid, "kind": kind, "zoom": zoom, "png": png}
+                for (cid, kind, zoom), png in latest.items()
+            ]
+            for row in rows:
+                conn.execute(
+                    crops.delete().where(
+                        crops.c.candidate_id == row["candidate_id"],
+                        crops.c.kind == row["kind"],
+                        crops.c.zoom == row["zoom"],
+                    )
+                )
+            conn.execute(crops.insert(), rows)
+        return len(rows)
+
+    def set_scores(self, set_id: int, scores: Mapping[int, float | None]) -> int:
+        """Set the classifier's uncertainty of candidates by nucleus id; returns how many."""
+        with self._begin() as conn:
+            ids = self._nucleus_map(conn, set_id)
+            n = 0
+            for nid, score in scores.items():
+                nid = _check_int("nucleus_id", nid)
+                if nid not in ids:
+                    raise AnnotationInputError(f"candidate set {set_id} has no nucleus {nid}")
+                value = None if score is None else _check_number(f"score of {nid}", score)
+                conn.execute(
+                    candidates.update().where(candidates.c.id == ids[nid]).values(score=value)
+                )
+                n += 1
+        return n
+
+    def _nucleus_map(self, conn: Connection, set_id: int) -> dict[int, int]:
+        set_id = _check_int("set_id", set_id)
+        if conn.execute(sa.select(candidate_sets.c.id).where(candidate_sets.c.id == set_id)
+                        ).scalar() is None:
+            raise NotFound(f"no candidate set {set_id}")
+        rows = conn.execute(
+            sa.select(candidates.c.nucleus_id, candidates.c.id).where(
+                candidates.c.set_id == set_id)
+        )
+        return {int(nid): int(cid) for nid, cid in rows}
+
+    # -- reading ------------------------------------------------------------------------
+
+    def candidate_sets(self, image_id: int | None = None) -> list[dict[str, Any]]:
+        """Candidate sets (of one image), newest first, with ``n_candidates``."""
+        count = (
+            sa.select(sa.func.count(candidates.c.id))
+            .where(candidates.c.set_id == candidate_sets.c.id)
+            .scalar_subquery()
+        )
+        query = sa.select(candidate_sets, count.label("n_candidates")).order_by(
+            candidate_sets.c.id.desc()
+        )
+        if image_id is not None:
+            query = query.where(candidate_sets.c.image_id == _check_int("image_id", image_id))
+        with self._begin() as conn:
+            return [_set_dict(row) for row in conn.execute(query).mappings()]
+
+    def candidates(self, set_id: int) -> list[dict[str, Any]]:
+        """The candidates of a set, in queue order."""
+        with self._begin() as conn:
+            self._nucleus_map(conn, set_id)
+            rows = conn.execute(
+                sa.select(*_CANDIDATE_COLUMNS)
+                .where(candidates.c.set_id == set_id)
+                .order_by(candidates.c.rand_key, candidates.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def candidate(self, candidate_id: int) -> dict[str, Any]:
+        """One candidate with its set's ``dag_id``/``run_id`` and the ``crops`` it has."""
+        candidate_id = _check_int("candidate_id", candidate_id)
+        with self._begin() as conn:
+            row = conn.execute(
+                sa.select(*_CANDIDATE_COLUMNS, candidate_sets.c.dag_id, candidate_sets.c.run_id)
+                .join(candidate_sets, candidate_sets.c.id == candidates.c.set_id)
+                .where(candidates.c.id == candidate_id)
+            ).mappings().first()
+            if row is None:
+                raise NotFound(f"no candidate {candidate_id}")
+            kinds = conn.execute(
+                sa.select(crops.c.kind, crops.c.zoom)
+                .where(crops.c.candidate_id == candidate_id)
+                .order_by(crops.c.kind, crops.c.zoom)
+            )
+            return dict(row, crops=[{"kind": k, "zoom": z} for k, z in kinds])
+
+    def crop(self, candidate_id: int, kind: str, zoom: int) -> bytes:
+        """The PNG of one crop."""
+        candidate_id = _check_int("candidate_id", candidate_id)
+        with self._begin() as conn:
+            png = conn.execute(
+                sa.select(crops.c.png).where(
+                    crops.c.candidate_id == candidate_id,
+                    crops.c.kind == kind,
+                    crops.c.zoom == _check_int("zoom", zoom),
+                )
+            ).scalar()
+        if png is None:
+            raise NotFound(f"candidate {candidate_id} has no {kind!r} crop at zoom {zoom}")
+        return bytes(png)
+
+    # -- the queue ----------------------------------------------------------------------
+
+    def next_candidate(self, set_id: int, annotator: str, **kwargs: Any) -> dict[str, Any] | None:
+        """The next candidate to show this annotator, or None when the set is done."""
+        found = self.next_candidates(set_id, annotator, n=1, **kwargs)
+        return found[0] if found else None
+
+    def next_candidates(
+        self,
+        set_id: int,
+        annotator: str,
+        n: int = 1,
+        *,
+        order: str = "random",
+        agreement: bool = False,
+        exclude: Sequence[int] = (),
+        lease_s: float = LEASE_S,
+    ) -> list[dict[str, Any]]:
+        """Up to ``n`` candidates to show, leased to this annotator (see the module docs)."""
+        annotator = _check_annotator(annotator)
+        set_id = _check_int("set_id", set_id)
+        n = _check_int("n", n)
+        if not 1 <= n <= 100:
+            raise AnnotationInputError(f"n={n}: ask for 1..100 candidates")
+        if order not in ORDERS:
+            raise AnnotationInputError(f"order {order!r}: use one of {', '.join(ORDERS)}")
+        exclude = [_check_int("exclude", c) for c in exclude]
+        now = utcnow()
+        mine = sa.and_(candidates.c.leased_by == annotator, candidates.c.leased_until > now)
+        labelled = sa.select(labels.c.id).where(
+            labels.c.candidate_id == candidates.c.id, labels.c.undone_at.is_(None)
+        )
+        query = sa.select(candidates.c.id).where(
+            candidates.c.set_id == set_id, ~labelled.where(labels.c.annotator == annotator).exists()
+        )
+        if exclude:
+            query = query.where(candidates.c.id.not_in(exclude))
+        if not agreement:
+            query = query.where(
+                ~labelled.exists(),
+                sa.or_(
+                    candidates.c.leased_until.is_(None),
+                    candidates.c.leased_until <= now,
+                    candidates.c.leased_by == annotator,
+                ),
+            )
+        keys: list[Any] = [sa.case((mine, 0), else_=1)]
+        if order == "uncertain":
+            keys.append(candidates.c.score.desc().nulls_last())
+        keys += [candidates.c.rand_key, candidates.c.id]
+        query = query.order_by(*keys).limit(n)
+        with self._begin() as conn:
+            if not agreement:
+                query = query.with_for_update(skip_locked=True, of=candidates)
+            ids = [int(i) for i in conn.execute(query).scalars()]
+            if not agreement:
+                # leave the annotator's other leases in this set, then lease these
+                conn.execute(
+                    candidates.update()
+                    .where(candidates.c.set_id == set_id, candidates.c.leased_by == annotator,
+                           candidates.c.id.not_in(ids or [-1]))
+                    .values(leased_by=None, leased_until=None)
+                )
+                if ids:
+                    conn.execute(
+                        candidates.update()
+                        .where(candidates.c.id.in_(ids))
+                        .values(leased_by=annotator,
+                                leased_until=now + timedelta(seconds=lease_s))
+                    )
+            if not ids:
+                return []
+            rows = conn.execute(
+                sa.select(*_CANDIDATE_COLUMNS).where(candidates.c.id.in_(ids))
+            ).mappings()
+            by_id = {r["id"]: dict(r) for r in rows}
+        return [by_id[i] for i in ids]
+
+    # -- labels -------------------------------------------------------------------------
+
+    def label(self, candidate_id: int, annotator: str, label: str) -> dict[str, Any]:
+        """Add a label revision; returns it. It becomes this annotator's current label."""
+        candidate_id = _check_int("candidate_id", candidate_id)
+        annotator = _check_annotator(annotator)
+        label = _check_label(label)
+        with self._begin() as conn:
+            exists = conn.execute(
+                sa.select(candidates.c.id).where(candidates.c.id == candidate_id)
+            ).scalar()
+            if exists is None:
+                raise NotFound(f"no candidate {candidate_id}")
+            created = utcnow()
+            label_id = conn.execute(
+                labels.insert()
+                .values(candidate_id=candidate_id, annotator=annotator, label=label,
+                        created_at=created)
+                .returning(labels.c.id)
+            ).scalar_one()
+            conn.execute(
+                candidates.update()
+                .where(candidates.c.id == candidate_id, candidates.c.leased_by == annotator)
+                .values(leased_by=None, leased_until=None)
+            )
+        return {"id": int(label_id), "candidate_id": candidate_id, "annotator": annotator,
+                "label": label, "created_at": created}
+
+    def undo(self, candidate_id: int, annotator: str) -> dict[str, Any]:
+        """Undo this annotator's current label of a candidate (kept as an undone revision)."""
+        candidate_id = _check_int("candidate_id", candidate_id)
+        annotator = _check_annotator(annotator)
+        live = sa.and_(labels.c.candidate_id == candidate_id, labels.c.annotator == annotator,
+                       labels.c.undone_at.is_(None))
+        with self._begin() as conn:
+            query = sa.select(labels).where(live).order_by(labels.c.id.desc()).limit(1)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            undone = conn.execute(query).mappings().first()
+            if undone is not None:
+                now = utcnow()
+                conn.execute(labels.update().where(labels.c.id == undone["id"])
+                             .values(undone_at=now))
+                undone = dict(undone, undone_at=now)
+            current = conn.execute(
+                sa.select(labels).where(live).order_by(labels.c.id.desc()).limit(1)
+            ).mappings().first()
+        return {"undone": _label_dict(undone), "current": _label_dict(current)}
+
+    def labels(
+        self,
+        set_id: int | None = None,
+        image_id: int | None = None,
+        candidate_id: int | None = None,
+        annotator: str | None = None,
+        history: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Current labels (or every revision with ``history``), oldest first."""
+        filters = []
+        if set_id is not None:
+            filters.append(candidates.c.set_id == _check_int("set_id", set_id))
+        if image_id is not None:
+            filters.append(candidates.c.image_id == _check_int("image_id", image_id))
+        if candidate_id is not None:
+            filters.append(labels.c.candidate_id == _check_int("candidate_id", candidate_id))
+        if annotator is not None:
+            filters.append(labels.c.annotator == annotator)
+        current = _current_ids()
+        query = (
+            sa.select(
+                labels.c.id, labels.c.candidate_id, candidates.c.set_id, candidates.c.image_id,
+                candidates.c.nucleus_id, labels.c.annotator, labels.c.label,
+                labels.c.created_at,
+                *([labels.c.undone_at, labels.c.id.in_(current).label("current")]
+                  if history else []),
+            )
+            .join(candidates, candidates.c.id == labels.c.candidate_id)
+            .where(*filters)
+            .order_by(labels.c.id)
+        )
+        if not history:
+            query = query.where(labels.c.id.in_(current))
+        with self._begin() as conn:
+            return [_label_dict(r) for r in conn.execute(query).mappings()]  # type: ignore[misc]
+
+    def progress(self, set_id: int) -> dict[str, Any]:
+        """Counts of current labels per annotator in a set."""
+        set_id = _check_int("set_id", set_id)
+        with self._begin() as conn:
+            self._nucleus_map(conn, set_id)
+            total = conn.execute(
+                sa.select(sa.func.count()).where(candidates.c.set_id == set_id)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(labels.c.annotator, labels.c.label, labels.c.candidate_id)
+                .join(candidates, candidates.c.id == labels.c.candidate_id)
+                .where(candidates.c.set_id == set_id, labels.c.id.in_(_current_ids()))
+            ).all()
+        annotators: dict[str, dict[str, int]] = {}
+        for name, value, _cid in rows:
+            counts = annotators.setdefault(name, {"labelled": 0, **dict.fromkeys(LABELS, 0)})
+            counts["labelled"] += 1
+            counts[value] += 1
+        return {"set_id": set_id, "total": int(total),
+                "labelled": len({cid for *_, cid in rows}), "annotators": annotators}
+
+    def agreement(self, set_id: int | None = None, image_id: int | None = None
+                  ) -> list[dict[str, Any]]:
+        """Agreement of each pair of annotators on the candidates both labelled."""
+        if (set_id is None) == (image_id is None):
+            raise AnnotationInputError("agreement: give exactly one of set_id, image_id")
+        current = self.labels(set_id=set_id, image_id=image_id)
+        by_annotator: dict[str, dict[int, str]] = defaultdict(dict)
+        for row in current:
+            by_annotator[row["annotator"]][row["candidate_id"]] = row["label"]
+        names = sorted(by_annotator)
+        result = []
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                both = sorted(set(by_annotator[a]) & set(by_annotator[b]))
+                if not both:
+                    continue
+                pairs = [(by_annotator[a][c], by_annotator[b][c]) for c in both]
+                counts = {la: dict.fromkeys(LABELS, 0) for la in LABELS}
+                for la, lb in pairs:
+                    counts[la][lb] += 1
+                result.append({
+                    "a": a, "b": b, "n": len(pairs), "agree": sum(x == y for x, y in pairs),
+                    "counts": counts, "kappa": cohen_kappa(pairs),
+                })
+        return result
+
+    def export_labels(self, set_id: int, fmt: str = "csv", history: bool = False) -> bytes:
+        """The set's labels as CSV or Parquet bytes, with the candidates' positions."""
+        if fmt not in EXPORT_FORMATS:
+            raise AnnotationInputError(f"format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        by_id = {c["id"]: c for c in self.candidates(set_id)}
+        columns = ["set_id", "image_id", "nucleus_id", "candidate_id", "x", "y", "roi",
+                   "annotator", "label", "created_at"]
+        if history:
+            columns += ["undone_at", "current"]
+        records = []
+        for row in self.labels(set_id=set_id, history=history):
+            cand = by_id[row["candidate_id"]]
+            record = {k: row.get(k, cand.get(k)) for k in columns}
+            for k in ("created_at", "undone_at"):
+                if record.get(k) is not None:
+                    record[k] = record[k].isoformat()
+            records.append(record)
+        if fmt == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+            return out.getvalue().encode()
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise AnnotationStoreError(
+                "Parquet export needs pyarrow: pip install pyarrow (or export fmt='csv')"
+            ) from None
+        table = pa.Table.from_pylist(records) if records else pa.table(
+            {k: pa.array([], pa.string()) for k in columns})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        return sink.getvalue()
+
+    # -- models -------------------------------------------------------------------------
+
+    def add_model(self, path: str, params: Mapping[str, Any], data_hash: str,
+                  metrics: Mapping[str, Any]) -> int:
+        """Register a trained model; returns its id."""
+        if not isinstance(path, str) or not path:
+            raise AnnotationInputError(f"model path must be a non-empty string, got {path!r}")
+        with self._begin() as conn:
+            return int(conn.execute(
+                models.insert().values(
+                    path=path, params=_json_clean(dict(params), "params"),
+                    data_hash=str(data_hash), metrics=_json_clean(dict(metrics), "metrics"),
+                    created_at=utcnow(),
+                ).returning(models.c.id)
+            ).scalar_one())
+
+    def models(self) -> list[dict[str, Any]]:
+        """Registered models, newest first."""
+        with self._begin() as conn:
+            rows = conn.execute(sa.select(models).order_by(models.c.id.desc())).mappings()
+            return [dict(r, created_at=_aware(r["created_at"])) for r in rows]
+
+
+_CANDIDATE_COLUMNS = (
+    candidates.c.id, candidates.c.set_id, candidates.c.image_id, candidates.c.nucleus_id,
+    candidates.c.x, candidates.c.y, candidates.c.area, candidates.c.roi, candidates.c.stats,
+    candidates.c.score,
+)
+
+
+def _current_ids() -> sa.Select:
+    """ids of current label revisions: the newest not-undone one per (candidate, annotator)."""
+    return (
+        sa.select(sa.func.max(labels.c.id))
+        .where(labels.c.undone_at.is_(None))
+        .group_by(labels.c.candidate_id, labels.c.annotator)
+    )
+
+
+def _label_dict(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in ("created_at", "undone_at"):
+        if key in out:
+            out[key] = _aware(out[key])
+    if "current" in out:
+        out["current"] = bool(out["current"])
+    return out
+
+
+def _set_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out.pop("params_hash", None)
+    out["created_at"] = _aware(out["created_at"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the Airflow hook
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+class AnnotationHook(BaseHook):  # type: ignore[misc,valid-type]
+    """Opens the annotation store of an Airflow deployment.
+
+    :param annotations_conn_id: an Airflow connection of type ``postgres`` (host, port,
+        schema = database, login, password; read by ``PostgresHook``). When it does not
+        exist, the store is the embedded SQLite file ``$AIRFLOW_HOME/var/annotations.sqlite``
+        (logged). A connection of another type is refused.
+    """
+
+    conn_name_attr = "annotations_conn_id"
+    default_conn_name = DEFAULT_CONN_ID
+    hook_name = "omeflow annotation store"
+
+    def __init__(self, annotations_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.annotations_conn_id = annotations_conn_id
+
+    def get_url(self) -> sa.URL:
+        """The store's SQLAlchemy URL: the PostgreSQL connection's, or the embedded file."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            conn = self.get_connection(self.annotations_conn_id)
+        except AirflowNotFoundException:
+            path = embedded_sqlite_path()
+            log.info("no connection %r: annotation store is the embedded SQLite %s",
+                     self.annotations_conn_id, path)
+            return sa.URL.create("sqlite", database=str(path))
+        if conn.conn_type not in ("postgres", "postgresql"):
+            raise AnnotationStoreError(
+                f"connection {self.annotations_conn_id!r} has type {conn.conn_type!r}; the "
+                "annotation store needs a connection of type 'postgres' (or none: the "
+                "embedded SQLite under $AIRFLOW_HOME/var)"
+            )
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        url = PostgresHook(postgres_conn_id=self.annotations_conn_id).sqlalchemy_url
+        log.info("annotation store: PostgreSQL %s (connection %r)",
+                 url.render_as_string(hide_password=True), self.annotations_conn_id)
+        return url
+
+    def get_engine(self) -> Engine:
+        """The engine of :meth:`get_url`, shared within this process."""
+        url = self.get_url()
+        key = url.render_as_string(hide_password=False)
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                _ENGINES[key] = engine_from_url(url)
+            return _ENGINES[key]
+
+    def get_store(self, check_schema: bool = True) -> AnnotationStore:
+        """An :class:`AnnotationStore` on this hook's database."""
+        return AnnotationStore(self.get_engine(), check_schema=check_schema)
+
+    def get_conn(self) -> AnnotationStore:
+        """The store (BaseHook's accessor)."""
+        return self.get_store()

@@ -23,6 +23,7 @@ CHECK_IMAGES = "check_images"
 EXPORT_ZARR = "export_zarr"
 SEGMENT_NUCLEI = "segment_nuclei"
 ECDF = "ecdf"
+SELECT_CANDIDATES = "select_candidates"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,13 @@ STEPS: dict[str, StepSpec] = {
             module="hpc_jobs.steps.ecdf",
             resources=Resources(cpus=2, mem_mb=4096, time_min=60),
             description="Per tissue ROI (holes subtracted) histograms, eCDFs and quantiles.",
+        ),
+        StepSpec(
+            name=SELECT_CANDIDATES,
+            module="hpc_jobs.steps.select_candidates",
+            resources=Resources(cpus=2, mem_mb=4096, time_min=60),
+            description="Candidate nuclei (marker above a per-ROI eCDF quantile or a fixed "
+            "threshold) and their 8-bit crops for annotation.",
         ),
     ]
 }

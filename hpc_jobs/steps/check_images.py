@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from hpc_jobs.steps.base import StepContext, StepParams
-from hpc_jobs.steps.fields import DapiChannel, ImageId
+from hpc_jobs.steps.fields import DapiChannel, ImageId, MarkerChannel
 from hpc_jobs.stores.base import TISSUE_PREFIX, ImageNotFound, StoreError
 
 
@@ -23,9 +23,7 @@ class Params(StepParams):
         min_length=1, max_length=1000, description="Image ids (in the image store) to process."
     )
     dapi_channel: DapiChannel = 0
-    marker_channel: int = Field(
-        default=-1, ge=-1, le=255, description="Marker channel (-1 = the last channel)."
-    )
+    marker_channel: MarkerChannel = -1
     need_tissue: bool = Field(
         default=True, description="Require a tissue ROI (needed by the ecdf step)."
     )

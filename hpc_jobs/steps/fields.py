@@ -21,6 +21,11 @@ DapiChannel = Annotated[
     int, Field(ge=0, le=255, description="Channel index of the nuclear stain (DAPI).")
 ]
 
+#: The marker channel (the lab's marker is the last channel).
+MarkerChannel = Annotated[
+    int, Field(ge=-1, le=255, description="Channel index of the marker (-1 = the last channel).")
+]
+
 #: Edge of the square blocks one writer (export) and one Cellpose tile core (segmentation)
 #: own; equal to the Zarr shard edge. A multiple of 64 so that every chunk edge in common use
 #: (16, 32, 64, ... 1024 when it is a multiple of 1024) divides it; 64 is the smallest tile

@@ -21,7 +21,10 @@ object on stdout; a refusal exits non-zero with an :class:`~hpc_jobs.protocol.Er
 Nothing received is ever given to a shell, evaluated, or used as a path without validation:
 job ids are restricted identifiers mapped to ``<job_root>/<job_id>``, output names are single
 path components opened without following links. Secrets (OMERO session keys) go to a 0600 file
-in the job directory and nowhere else. Every call appends one line to the audit log
+in the job directory and nowhere else; when a ``status`` or ``cancel`` finds a job ended
+(cancelled, timed out, killed, an array finished) with that file still there, the gateway
+ends the job's session and removes the file, once (the job itself does it when a plain job's
+step returns, ``hpc_jobs/run.py``). Every call appends one line to the audit log
 (``<job_root>/.audit.log`` unless the site sets ``audit_log``), caller included; a call the
 gateway cannot audit (the log cannot be opened for appending) is refused before it acts.
 
@@ -161,6 +164,9 @@ class Gateway:
         self.config_path = config_path
         self._scheduler = scheduler
         self.caller = caller
+        #: job id -> what happened to the session of each job whose secrets this call retired
+        #: (for the audit line; never a key).
+        self.retired: dict[str, str] = {}
 
     @property
     def scheduler(self) -> Scheduler:
@@ -314,6 +320,7 @@ class Gateway:
             current = self._status_of([req.job_id])[0]
             if not current.state.terminal:
                 current = current.model_copy(update={"state": JobState.CANCELLED})
+            self._retire(req.job_id)  # cancelled: its session ends even while it winds down
         return CancelReply(job_id=req.job_id, state=current.state)
 
     def log(self, req: LogRequest) -> LogReply:
@@ -377,6 +384,12 @@ class Gateway:
             )
         return ResultReply(job_id=job.job_id, name="summary.json", data={"array_tasks": tasks})
 
+    def _retire(self, job_id: str) -> None:
+        """End the session of a job that is over and remove its ``secrets.json`` (once)."""
+        outcome = self.job(job_id).retire_secrets(self.site.store)
+        if outcome is not None:
+            self.retired[job_id] = outcome
+
     def _record(self, job: JobDir) -> dict[str, Any]:
         """The job's record if it belongs to this caller; NOT_FOUND (as for a missing job)
         otherwise."""
@@ -428,6 +441,9 @@ class Gateway:
                     array_states=ns.array_states,
                 )
             )
+        for st in out:
+            if st.native_id is not None and st.state.terminal:  # this caller's, and over
+                self._retire(st.job_id)
         return out
 
     def _from_exit_markers(self, job: JobDir, native_id: str) -> JobStatus:
@@ -544,6 +560,7 @@ def handle(
     started = time.time()
     site: SiteConfig | None = None
     audit: AuditLog | None = None
+    gateway: Gateway | None = None
     entry: dict[str, Any] = {
         "time": round(started, 3),
         "verb": verb if verb in VERBS else "?",
@@ -598,6 +615,8 @@ def handle(
             .model_dump(mode="json")
         )
         status = 3
+    if gateway is not None and gateway.retired:
+        entry["secrets_retired"] = gateway.retired  # job id -> session outcome, never a key
     entry["ms"] = round((time.time() - started) * 1000, 1)
     if audit is not None:
         audit.write(entry)

@@ -4,7 +4,8 @@
 
     <job_root>/<job_id>/
         request.json   0600  step, validated params, resources, site config path
-        secrets.json   0600  OMERO session key (only if one was sent)
+        secrets.json   0600  OMERO session key (only if one was sent); removed, and the
+                             session ended, when the job ends (:meth:`JobDir.retire_secrets`)
         job.py         0700  the job script: a Python file with an absolute shebang (no shell)
         job.json       0600  native (scheduler) id, caller, request fingerprint, submit time
         job.log              stdout + stderr of the job (Slurm --output)
@@ -25,15 +26,19 @@ import errno
 import hashlib
 import json
 import os
+import secrets as _random
 import shutil
 import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpc_jobs.fsutil import atomic_write, file_lock
 from hpc_jobs.protocol import DEFAULT_CALLER, SAFE_NAME_RE, Secrets
+
+if TYPE_CHECKING:
+    from hpc_jobs.config import StoreConfig
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -229,6 +234,51 @@ class JobDir:
             return Secrets.model_validate_json(self._read("secrets.json"))
         except FileNotFoundError:
             return Secrets()
+
+    def take_secrets(self) -> Secrets | None:
+        """Remove ``secrets.json`` from the job directory and return what it held; None when
+        it is gone already (or never existed).
+
+        A rename claims the file first, so of several processes ending one job (the job
+        itself, a ``status``, a ``cancel``) exactly one gets the secrets.
+        """
+        claim = f".secrets.{os.getpid()}.{_random.token_hex(4)}"
+        try:
+            with self._dir_fd() as dfd:
+                try:
+                    os.rename("secrets.json", claim, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except FileNotFoundError:
+                    return None
+                try:
+                    fd = os.open(claim, _FILE_FLAGS, dir_fd=dfd)
+                    with os.fdopen(fd, "rb") as fh:
+                        raw = fh.read() if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) else b""
+                finally:
+                    os.unlink(claim, dir_fd=dfd)
+        except FileNotFoundError:  # the job directory is gone
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a linked secrets file is no secrets file
+                return Secrets()
+            raise
+        try:
+            return Secrets.model_validate_json(raw)
+        except ValueError:
+            return Secrets()
+
+    def retire_secrets(self, store: StoreConfig) -> str | None:
+        """The job is over: take its secrets out of the directory and end the store session
+        they open (:func:`hpc_jobs.stores.end_session`, best-effort, at most once per job).
+
+        Returns None when there was nothing left to retire, else what happened to the session
+        (``"none"``, ``"ended"``, ``"already ended"``, ``"failed (...)"``): never the key.
+        """
+        secrets = self.take_secrets()
+        if secrets is None:
+            return None
+        from hpc_jobs.stores import end_session
+
+        return end_session(store, secrets)
 
     def read_exit_marker(self, task: int | None = None) -> dict[str, Any] | None:
         """The exit marker of the job (or of one array task); None while it is missing."""

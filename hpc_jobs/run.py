@@ -4,6 +4,11 @@ It loads the validated request from the job directory, builds a
 :class:`~hpc_jobs.steps.base.StepContext`, runs the step and writes ``outputs/summary.json``
 (array tasks: ``outputs/summary.<task>.json``) and the exit marker. Everything it prints goes
 to the job log, which Airflow shows in the task log.
+
+When the step of a plain (non-array) job is over, whatever its ending, the job ends its own
+store session and removes ``secrets.json`` (:meth:`~hpc_jobs.jobdir.JobDir.retire_secrets`).
+An array task leaves that to the gateway, which does it once the whole array has ended (its
+``status``), as for jobs killed before they could (cancel, time limit, node failure).
 """
 
 from __future__ import annotations
@@ -36,12 +41,24 @@ def _array_task() -> tuple[int | None, int | None]:
     return None, None
 
 
+def _retire_session(job: JobDir, site: SiteConfig) -> None:
+    """End the job's store session and remove its secrets (best-effort, logged)."""
+    try:
+        outcome = job.retire_secrets(site.store)
+    except Exception as exc:  # noqa: BLE001 - the gateway retries when it sees the job ended
+        print(f"omeflow: could not remove the job's secrets: {exc}", file=sys.stderr, flush=True)
+        return
+    if outcome not in (None, "none"):
+        print(f"omeflow: the job's OMERO session: {outcome}", flush=True)
+
+
 def main(job_dir: str | Path) -> int:
     """Run the step of ``job_dir``; returns the process exit status (0 = success)."""
     started = time.time()
     job = JobDir(Path(job_dir).parent, Path(job_dir).name)
     task_id, task_count = _array_task()
     code = 1
+    site: SiteConfig | None = None
     try:
         request = job.read_request()
         site = SiteConfig.load(request["site_config"])
@@ -77,5 +94,8 @@ def main(job_dir: str | Path) -> int:
     except BaseException:  # noqa: BLE001 - reported in the log, turned into exit status 1
         traceback.print_exc()
         sys.stderr.flush()
+    finally:
+        if task_id is None and site is not None:
+            _retire_session(job, site)
     job.write_exit_marker(code, time.time() - started, task_id)
     return code

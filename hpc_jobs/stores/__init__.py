@@ -1,10 +1,15 @@
-"""Image stores. :func:`open_store` picks the implementation the site configured."""
+"""Image stores. :func:`open_store` picks the implementation the site configured;
+:func:`end_session` ends a job's store session when the job is over."""
 
 from __future__ import annotations
+
+import logging
 
 from hpc_jobs.config import StoreConfig
 from hpc_jobs.protocol import Secrets
 from hpc_jobs.stores.base import ImageStore
+
+_log = logging.getLogger(__name__)
 
 
 def open_store(config: StoreConfig, secrets: Secrets | None = None) -> ImageStore:
@@ -24,3 +29,27 @@ def open_store(config: StoreConfig, secrets: Secrets | None = None) -> ImageStor
         secure=config.secure,
         ca_file=config.ca_file,
     )
+
+
+def end_session(config: StoreConfig, secrets: Secrets) -> str:
+    """End the store session of a job that is over; returns what happened (for logs):
+    ``"none"`` (local store, or no key), ``"ended"``, ``"already ended"`` or
+    ``"failed (<error type>)"``.
+
+    Best-effort: never raises. A failure is logged as a warning (the session then ends by its
+    time-to-live); the key itself is never logged.
+    """
+    key = secrets.omero_session_key
+    if config.kind != "omero" or not key:
+        return "none"
+    from hpc_jobs.stores import omero as omero_store
+
+    try:
+        ended = omero_store.end_session(config.host or "", config.port, key, config.ca_file)
+    except Exception as exc:  # noqa: BLE001 - best-effort: the time-to-live still bounds it
+        why = f"{type(exc).__name__}: {exc}".replace(key, "***")
+        _log.warning(
+            "could not end the job's OMERO session (%s); it ends by its time-to-live", why
+        )
+        return f"failed ({type(exc).__name__})"
+    return "ended" if ended else "already ended"

@@ -134,12 +134,38 @@ def _open_session(host: str, port: int, ca_file: str | Path | None, start: Any) 
                 "store.host / store.port in site.toml and that compute nodes can reach it "
                 "(directly or through the login node's reverse tunnel)"
             ) from None
-        raise StoreError(
+        raise SessionRefused(
             f"OMERO at {host}:{port} refused the session ({type(exc).__name__}): the key is "
             "expired or invalid (re-run the task so the orchestrator mints a fresh key), or "
             "the user name / password is wrong"
         ) from None
     return client
+
+
+class SessionRefused(StoreError):
+    """The server answered and refused the session (expired, ended, or wrong credentials)."""
+
+
+def end_session(
+    host: str, port: int, session_key: str, ca_file: str | Path | None = None
+) -> bool:
+    """End a job's session for good; False if it had already ended.
+
+    Joins it and calls ``omero.client.killSession``, which closes the session until its
+    reference count is 0 (omero-py ``src/omero/clients.py``, ``killSession``); a plain
+    detach would leave the key valid until its time-to-live. Raises :class:`StoreError` when
+    the server cannot be reached (or TLS fails): the session then ends by its time-to-live.
+    """
+    _require_omero()
+    try:
+        client = _open_session(host, port, ca_file, lambda c: c.joinSession(session_key))
+    except SessionRefused:
+        return False
+    try:
+        client.killSession()
+    finally:
+        client.__del__()
+    return True
 
 
 @dataclass(frozen=True)
@@ -181,8 +207,10 @@ class OmeroStore:
             raise StoreError("store.host is empty: set the OMERO host in the site config")
         if not session_key:
             raise StoreError(
-                "no OMERO session key for this job: the orchestrator mints one per job "
-                "(hooks/omero.py) and sends it in the request's secrets"
+                "no OMERO session key for this job: this site's store is OMERO, so the "
+                "orchestrator must mint one per job: set [omeflow] omero_conn_id in "
+                "airflow.cfg (or the task's omero_conn_id) to the OMERO connection "
+                "(docs/omero.md)"
             )
         # detachOnDestroy: closing our connection leaves the session to its owner, as
         # BlitzGateway.connect(sUuid=...) does after joinSession (omero-py gateway)

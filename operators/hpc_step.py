@@ -181,9 +181,16 @@ class HpcStepOperator(BaseOperator):
         """
         if not self.needs_session():
             return {}
-        from hooks.omero import OmeroSessionHook
+        from hooks.omero import MAX_TTL_S, OmeroSessionHook
 
         ttl_s = math.ceil(self.deferral_timeout().total_seconds())
+        if ttl_s > MAX_TTL_S:
+            raise AirflowFailException(
+                f"{self.task_id}: the task may wait {self.deferral_timeout()} for its job (time "
+                f"limit x array waves + queue_allowance), longer than an OMERO session may live "
+                f"({timedelta(seconds=MAX_TTL_S)}); lower hpc_resources time_min, throttle the "
+                "array less, or lower queue_allowance"
+            )
         key = OmeroSessionHook(self.omero_conn_id).mint_session_key(ttl_s=ttl_s, idle_s=ttl_s)
         return {"omero_session_key": key}
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 import hooks.omero
 from hooks.hpc import HpcGatewayError
@@ -158,6 +158,18 @@ def test_the_key_lives_as_long_as_the_task_waits_for_its_job(
         (SITE_CONN, 120 * 60 + 86400, 120 * 60 + 86400),
         (SITE_CONN, 5 * 30 * 60 + 7200, 5 * 30 * 60 + 7200),
     ]
+
+
+def test_a_wait_longer_than_a_session_may_live_is_refused_before_any_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(SETTING, SITE_CONN)
+    cluster = Cluster()
+    op = _export(hpc_resources={"time_min": 1440}, queue_allowance=timedelta(days=8))
+    op.__dict__["hook"] = cluster
+    with pytest.raises(AirflowFailException, match="lower hpc_resources time_min.*queue_allowance"):
+        op.execute({"ti": TI()})
+    assert Minter.minted == [] and cluster.submits == []
 
 
 def test_a_key_no_job_took_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,9 @@
 OMERO passwords never travel to the cluster. The orchestrator logs in with the *minting
 account* of an Airflow connection, creates a new session for the job's OMERO user with an
 explicit time-to-live and idle timeout, and sends only that session's key in the submit body
-(stdin, then a 0600 file on the cluster). :meth:`OmeroSessionHook.close_session` ends it when
-the job ends. The model (docs/omero.md, "Sessions"):
+(stdin, then a 0600 file on the cluster). The cluster side ends the session when the job
+ends (``hpc_jobs.stores.end_session``); :meth:`OmeroSessionHook.close_session` ends a key that
+no job took. The model (docs/omero.md, "Sessions"):
 
 - **Recommended**: the minting account is a *light administrator with only the Sudo
   privilege*; it mints sessions for the user the job works for (the image owner, or a

@@ -687,29 +687,25 @@ class AnnotationStore:
         labelled = sa.select(labels.c.id).where(
             labels.c.candidate_id == candidates.c.id, labels.c.undone_at.is_(None)
         )
-        query = sa.select(candidates.c.id).where(
-            candidates.c.set_id == set_id, ~labelled.where(labels.c.annotator == annotator).exists()
-        )
-        if exclude:
-            query = query.where(candidates.c.id.not_in(exclude))
+        eligible: list[Any] = [
+            candidates.c.set_id == set_id,
+            ~labelled.where(labels.c.annotator == annotator).exists(),
+        ]
         if not agreement:
-            query = query.where(
+            eligible += [
                 ~labelled.exists(),
                 sa.or_(
                     candidates.c.leased_until.is_(None),
                     candidates.c.leased_until <= now,
                     candidates.c.leased_by == annotator,
                 ),
-            )
+            ]
         keys: list[Any] = [sa.case((mine, 0), else_=1)]
         if order == "uncertain":
             keys.append(candidates.c.score.desc().nulls_last())
         keys += [candidates.c.rand_key, candidates.c.id]
-        query = query.order_by(*keys).limit(n)
         with self._begin() as conn:
-            if not agreement:
-                query = query.with_for_update(skip_locked=True, of=candidates)
-            ids = [int(i) for i in conn.execute(query).scalars()]
+            ids = self._pick(conn, eligible, keys, n, exclude, lock=not agreement)
             if not agreement:
                 # leave the annotator's other leases in this set, then lease these
                 conn.execute(
@@ -732,6 +728,40 @@ class AnnotationStore:
             ).mappings()
             by_id = {r["id"]: dict(r) for r in rows}
         return [by_id[i] for i in ids]
+
+    @staticmethod
+    def _pick(conn: Connection, eligible: list[Any], keys: list[Any], n: int,
+              exclude: list[int], lock: bool) -> list[int]:
+        """ids of up to ``n`` eligible candidates in queue order, row-locked if ``lock``.
+
+        PostgreSQL (READ COMMITTED): ``FOR UPDATE SKIP LOCKED`` re-checks a row that changed
+        meanwhile against the statement's old snapshot for the ``EXISTS(labels)`` part, so a
+        candidate labelled a moment ago could slip through. Once locked, the rows are checked
+        again by a new statement (a new snapshot); rejected ones are skipped and the pick is
+        repeated. SQLite needs none of this: its transaction holds the write lock.
+        """
+        query = sa.select(candidates.c.id).where(*eligible).order_by(*keys)
+        if not lock or conn.dialect.name != "postgresql":
+            if exclude:
+                query = query.where(candidates.c.id.not_in(exclude))
+            return [int(i) for i in conn.execute(query.limit(n)).scalars()]
+        picked: list[int] = []
+        skip = list(exclude)
+        for _ in range(20):
+            batch = query.where(candidates.c.id.not_in(skip)) if skip else query
+            got = [int(i) for i in conn.execute(
+                batch.limit(n - len(picked)).with_for_update(skip_locked=True, of=candidates)
+            ).scalars()]
+            if not got:
+                break
+            still = set(conn.execute(
+                sa.select(candidates.c.id).where(candidates.c.id.in_(got), *eligible)
+            ).scalars())
+            picked += [i for i in got if i in still]
+            skip += got
+            if len(picked) >= n:
+                break
+        return picked
 
     # -- labels -------------------------------------------------------------------------
 

@@ -15,5 +15,9 @@ echo "== HPC sandbox (munge, slurmctld, slurmd, sshd on 127.0.0.1:2222)"
 $PY -m hpc_jobs.sandbox start
 trap '$PY -m hpc_jobs.sandbox stop || true' EXIT
 
+echo "== PostgreSQL for the annotation store tests (installed if missing, 127.0.0.1)"
+$PY -m tests.postgres_fixture
+export OMEFLOW_REQUIRE_POSTGRES=1  # its tests must run, not skip
+
 echo "== pytest"
 $PY -m pytest -ra --timeout=1200 "$@"

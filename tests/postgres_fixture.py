@@ -60,7 +60,10 @@ def ensure_postgres(install: bool = False) -> str:
                 "PostgreSQL is not installed; run `python -m tests.postgres_fixture` as root "
                 f"(apt-get install postgresql), or set {URL_ENV}"
             )
-        _run(["apt-get", "install", "-y", "-q", "postgresql"])
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "postgresql"]):
+            if subprocess.run(argv, env=env, timeout=1200, check=False).returncode:
+                raise PostgresUnavailable(f"{' '.join(argv)} failed (see above)")
     if os.geteuid() != 0:
         raise PostgresUnavailable(
             f"starting PostgreSQL and creating the test role needs root; or set {URL_ENV}"

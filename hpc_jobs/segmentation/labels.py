@@ -6,6 +6,9 @@ Layout (NGFF 0.5: metadata under the ``ome`` key of ``zarr.json`` attributes)::
     image.zarr/labels/nuclei/zarr.json   {"ome": {"version": "0.5", "multiscales": [...],
                                                   "image-label": {"source": {"image": "../../"}}}}
     image.zarr/labels/nuclei/0           uint32 (y, x), same chunks / shards as the image
+    image.zarr/labels/nuclei/1 ...       one level per image level, same shapes: nearest
+                                         neighbour (level L pixel (i, j) = level-0 pixel
+                                         (i * 2**L, j * 2**L)), so scale 2**L, no translation
 
 Creation is race-free for array tasks: the group tree is built in a temporary folder inside
 ``image.zarr`` and moved into place with one ``rename``; whoever loses the race uses the
@@ -45,7 +48,7 @@ def _image_scale(image_zarr: Path) -> tuple[list[float], list[str | None]]:
         return [1.0, 1.0], [None, None]
 
 
-def _label_attrs(image_zarr: Path) -> dict[str, Any]:
+def _label_attrs(image_zarr: Path, levels: int) -> dict[str, Any]:
     scale, units = _image_scale(image_zarr)
     axes: list[dict[str, Any]] = []
     for name, unit in zip(("y", "x"), units, strict=True):
@@ -57,38 +60,60 @@ def _label_attrs(image_zarr: Path) -> dict[str, Any]:
         "version": NGFF_VERSION,
         "multiscales": [{
             "name": NAME, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": scale}]}],
+            "datasets": [{"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": [v * 2 ** level for v in scale]}]}
+                for level in range(levels)],
+            "type": "nearest",
         }],
         "image-label": {"source": {"image": "../../"}},
     }}
 
 
-def _build(root: Path, shape: tuple[int, int], chunks: tuple[int, int],
+def _build(root: Path, shapes: list[tuple[int, int]], chunks: tuple[int, int],
            shards: tuple[int, int] | None, image_zarr: Path) -> None:
     group = zarr.open_group(root, mode="w", zarr_format=3)
-    group.attrs.update(_label_attrs(image_zarr))
-    group.create_array("0", shape=shape, chunks=chunks, shards=shards, dtype="uint32",
-                       fill_value=0, dimension_names=["y", "x"])
+    group.attrs.update(_label_attrs(image_zarr, len(shapes)))
+    for level, shape in enumerate(shapes):
+        group.create_array(str(level), shape=shape, chunks=chunks, shards=shards,
+                           dtype="uint32", fill_value=0, dimension_names=["y", "x"])
 
 
-def ensure_labels_array(image_zarr: Path, shape: tuple[int, int], chunks: tuple[int, int],
-                        shards: tuple[int, int] | None) -> zarr.Array:
-    """Create ``labels/nuclei`` once (atomically) and return its level-0 array."""
+def _complete(target: Path, shapes: list[tuple[int, int]]) -> bool:
+    """Whether ``target`` has exactly the label levels of ``shapes`` (older runs wrote one)."""
+    try:
+        ms = json.loads((target / "zarr.json").read_text())["attributes"]["ome"]["multiscales"]
+        if len(ms[0]["datasets"]) != len(shapes):
+            return False
+        return all(tuple(zarr.open_array(target / str(level), mode="r").shape) == shape
+                   for level, shape in enumerate(shapes))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def ensure_labels(image_zarr: Path, shapes: list[tuple[int, int]], chunks: tuple[int, int],
+                  shards: tuple[int, int] | None) -> list[zarr.Array]:
+    """Create ``labels/nuclei`` with one level per ``shapes`` entry (the image's pyramid) once,
+    atomically, and return its arrays. A label group with other levels (an older run's, or
+    another image size) is replaced: callers hold the image's exclusive lock."""
     image_zarr = Path(image_zarr)
     labels_dir = image_zarr / "labels"
     target = labels_dir / NAME
-    if not (target / "0" / "zarr.json").is_file():
+    shapes = [tuple(int(v) for v in s) for s in shapes]  # type: ignore[misc]
+    if target.exists() and not _complete(target, shapes):
+        trash = image_zarr / f".trash-labels-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if not target.exists():
         tmp = image_zarr / f".tmp-labels-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             if not labels_dir.exists():
                 top = zarr.open_group(tmp, mode="w", zarr_format=3)
                 top.attrs.update({"ome": {"version": NGFF_VERSION, "labels": [NAME]}})
-                _build(tmp / NAME, shape, chunks, shards, image_zarr)
+                _build(tmp / NAME, shapes, chunks, shards, image_zarr)
                 with contextlib.suppress(OSError):  # another writer created it first
                     os.rename(tmp, labels_dir)
             if not target.exists():
-                _build(tmp / NAME, shape, chunks, shards, image_zarr)
+                _build(tmp / NAME, shapes, chunks, shards, image_zarr)
                 try:
                     os.rename(tmp / NAME, target)
                     _register(labels_dir)
@@ -96,13 +121,7 @@ def ensure_labels_array(image_zarr: Path, shape: tuple[int, int], chunks: tuple[
                     pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    arr = zarr.open_array(target / "0", mode="r+")
-    if tuple(arr.shape) != tuple(shape):
-        raise ValueError(
-            f"{target} has shape {arr.shape}, the image plane is {shape}; delete {target} "
-            "and run the merge again"
-        )
-    return arr
+    return [zarr.open_array(target / str(level), mode="r+") for level in range(len(shapes))]
 
 
 def _register(labels_dir: Path) -> None:

@@ -1,7 +1,20 @@
-"""Merge phase: reconcile seams, assign global ids, paint the label image, write the table.
+"""Merge phase: reconcile seams, assign global ids, paint the label pyramid, write the table.
 
-Every merge task reads all tile results (small: centroids, boxes, mask crops) and computes
-the same deterministic plan:
+Streaming. The merge never holds every tile's result: one pass over the tile files reads
+each nucleus's *record* (tile, row, Cellpose label, centroid, area, box, owned: ~80 bytes)
+and keeps the mask crop only of *seam* records, those that can take part in a seam decision
+or be painted into another tile's core (seam candidates, nuclei within ``search_radius +
+claim_margin`` of a core edge, masks crossing their core). Everything else is read again
+from one tile file at a time when painting and when writing the table. Peak memory is
+therefore about
+
+    N x ~100 B (records and plan) + seam masks (~0.5 KB each, a band of ~2 x 56 px along
+    every core edge: ~5 % of nuclei with 2048-px tiles) + one tile's result file
+    + one output block (a tile core at level 0, one shard at the other levels; uint32)
+
+independent of the masks of the whole slide (measured by ``benchmarks/merge_memory.py``).
+
+Plan (every merge task computes the same, deterministically):
 
 1. *Kept* = every owned nucleus, minus seam duplicates: two owned nuclei from different
    tiles whose masks overlap by >= half of the smaller one are one nucleus claimed twice
@@ -11,17 +24,19 @@ the same deterministic plan:
    that overlaps no kept nucleus was claimed by nobody; it is adopted with its own mask.
 3. Global ids 1..N in order of (tile index, Cellpose label inside that tile).
 
-Task ``t`` of ``n`` then paints the cores of tiles ``i % n == t`` from every kept nucleus
-whose box meets that core (a nucleus owned by one tile may reach into a neighbour's core;
-each core writer paints its part) and writes whole shard-aligned cores, so no two writers
-touch one shard. Task 0 writes ``nuclei.parquet`` (atomically).
+Tiles without tissue (``skip``, see :mod:`.tissue`) have no result and own nothing.
+
+Task ``t`` of ``n`` then paints the cores of tiles ``i % n == t`` at level 0 and the shards
+``j % n == t`` of every lower level (nearest neighbour: level ``L`` pixel ``(i, j)`` is level-0
+pixel ``(i * 2**L, j * 2**L)``, painted straight from the masks), so no two writers touch one
+shard. Task 0 writes ``nuclei.parquet`` (atomically), one row group per tile.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +46,48 @@ from scipy.spatial import cKDTree
 from hpc_jobs.segmentation import tile_result
 from hpc_jobs.segmentation.run_tiles import TileJob
 from hpc_jobs.segmentation.stats import STAT_NAMES
-from hpc_jobs.segmentation.tiling import TileGrid
 
 TABLE_SCHEMA_VERSION = "1"
+
+Region = tuple[int, int, int, int]  # y0, x0, y1, x1 (half-open), level-0 px
+
+
+@dataclass
+class Records:
+    """Every nucleus record of every tile result (arrays parallel), masks of seam records."""
+
+    tile: np.ndarray  # int64 tile index
+    row: np.ndarray  # int64 row in that tile's result
+    local: np.ndarray  # int64 Cellpose label inside the tile
+    yx: np.ndarray  # float64 (n, 2) level-0 centroid
+    area: np.ndarray  # int64
+    bbox: np.ndarray  # int64 (n, 4): y0, x0, y1, x1
+    owned: np.ndarray  # bool
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # record index -> crop
+    dropped_large: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tile)
+
+    @classmethod
+    def from_results(cls, results: dict[int, tile_result.TileResult]) -> Records:
+        """Records of in-memory tile results, every mask kept (tests, small images)."""
+        parts = [_tile_records(t, r.local, r.cy, r.cx, r.area, r.bbox, r.owned)
+                 for t, r in sorted(results.items())]
+        recs = _concat(parts)
+        i = 0
+        for _, r in sorted(results.items()):
+            for j in range(len(r)):
+                recs.masks[i] = r.mask(j)
+                i += 1
+        return recs
 
 
 @dataclass
 class MergePlan:
     """The kept nuclei in global id order (arrays parallel; id = position + 1)."""
 
+    rec: np.ndarray  # int64 index into the Records
     tile: np.ndarray  # int64 tile index of the segmentation the mask comes from
     row: np.ndarray  # int64 row in that tile's result
     local: np.ndarray
@@ -54,66 +102,115 @@ class MergePlan:
         return len(self.tile)
 
 
-def load_results(job: TileJob) -> dict[int, tile_result.TileResult]:
-    """Every tile's result; refuse missing or stale ones with a message naming the fix."""
+def _tile_records(tile: int, local: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                  area: np.ndarray, bbox: np.ndarray, owned: np.ndarray) -> Records:
+    n = len(local)
+    return Records(tile=np.full(n, tile, np.int64), row=np.arange(n, dtype=np.int64),
+                   local=np.asarray(local, np.int64),
+                   yx=np.stack([np.asarray(cy, np.float64), np.asarray(cx, np.float64)],
+                               axis=1).reshape(-1, 2),
+                   area=np.asarray(area, np.int64),
+                   bbox=np.asarray(bbox, np.int64).reshape(-1, 4),
+                   owned=np.asarray(owned, bool))
+
+
+def _concat(parts: list[Records]) -> Records:
+    if not parts:
+        parts = [_tile_records(0, *(np.zeros(0),) * 4, np.zeros((0, 4)), np.zeros(0, bool))]
+    return Records(
+        tile=np.concatenate([p.tile for p in parts]), row=np.concatenate([p.row for p in parts]),
+        local=np.concatenate([p.local for p in parts]),
+        yx=np.concatenate([p.yx for p in parts]), area=np.concatenate([p.area for p in parts]),
+        bbox=np.concatenate([p.bbox for p in parts]),
+        owned=np.concatenate([p.owned for p in parts]),
+    )
+
+
+def _seam_distance(yx: np.ndarray, block: int) -> np.ndarray:
+    """Distance of each centroid to the nearest core edge line (a multiple of ``block``)."""
+    rem = np.mod(yx, block)
+    return np.minimum(rem, block - rem).min(axis=1) if len(yx) else np.zeros(0)
+
+
+def scan(job: TileJob, skip: Collection[int], search_radius: float) -> Records:
+    """Read every tile result's records (masks of seam records only); refuse missing or
+    stale results with a message naming the fix."""
     grid, key = job.grid, job.config_key()
-    results, missing, stale = {}, [], []
+    paths, missing, stale = {}, [], []
     for t in grid.tiles():
+        if t.index in skip:
+            continue
         path = tile_result.tile_path(Path(job.tiles_dir), t.ty, t.tx)
         if not path.is_file():
             missing.append(t.name)
-            continue
-        res = tile_result.load(path)
-        if res.config_key != key:
+        elif tile_result.read_config_key(path) != key:
             stale.append(t.name)
-        results[t.index] = res
+        paths[t.index] = path
     if missing or stale:
-        what = (f"{len(missing)} of {len(grid)} tiles have no result (e.g. {missing[:3]})"
+        n = len(grid) - len(skip)
+        what = (f"{len(missing)} of {n} tiles have no result (e.g. {missing[:3]})"
                 if missing else f"{len(stale)} tile results were made with other settings "
                 f"(e.g. {stale[:3]})")
         raise RuntimeError(f"cannot merge: {what}; run phase='tiles' (all array tasks) with "
                            "the same params first")
-    return results
+    parts, masks, dropped, base = [], {}, 0, 0
+    reach = search_radius + job.claim_margin
+    for index, path in paths.items():
+        core = grid.tile(index).core
+        with np.load(path, allow_pickle=False) as z:
+            part = _tile_records(index, z["local"], z["cy"], z["cx"], z["area"], z["bbox"],
+                                 z["owned"])
+            info = dict(zip([str(k) for k in z["info_keys"]], z["info_values"].tolist(),
+                            strict=True))
+            b = part.bbox
+            crosses = ((b[:, 0] < core[0]) | (b[:, 1] < core[1]) | (b[:, 2] > core[2])
+                       | (b[:, 3] > core[3]))
+            seam = np.flatnonzero(~part.owned | crosses
+                                  | (_seam_distance(part.yx, job.block) < reach))
+            if len(seam):
+                flat, offsets = z["mask_flat"], z["mask_offsets"]
+                for r in seam.tolist():
+                    y0, x0, y1, x1 = b[r]
+                    masks[base + r] = flat[offsets[r]:offsets[r + 1]].reshape(
+                        int(y1 - y0), int(x1 - x0))
+        dropped += int(info.get("dropped_large", 0))
+        parts.append(part)
+        base += len(part)
+    recs = _concat(parts)
+    recs.masks, recs.dropped_large = masks, dropped
+    return recs
 
 
-def _overlap(a: tile_result.TileResult, i: int, b: tile_result.TileResult, j: int) -> float:
+def _overlap(recs: Records, i: int, j: int) -> float:
     """|A ∩ B| / min(|A|, |B|) of two nucleus masks (level-0 coordinates)."""
-    ay0, ax0, ay1, ax1 = a.bbox[i]
-    by0, bx0, by1, bx1 = b.bbox[j]
+    ay0, ax0, ay1, ax1 = recs.bbox[i]
+    by0, bx0, by1, bx1 = recs.bbox[j]
     y0, x0, y1, x1 = max(ay0, by0), max(ax0, bx0), min(ay1, by1), min(ax1, bx1)
     if y0 >= y1 or x0 >= x1:
         return 0.0
-    ma = a.mask(i)[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
-    mb = b.mask(j)[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
-    return float(np.count_nonzero(ma & mb)) / float(min(a.area[i], b.area[j]))
+    ma = recs.masks[i][y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
+    mb = recs.masks[j][y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    return float(np.count_nonzero(ma & mb)) / float(min(recs.area[i], recs.area[j]))
 
 
-def plan(results: dict[int, tile_result.TileResult], search_radius: float, block: int
-         ) -> MergePlan:
+def plan(recs: Records, search_radius: float, block: int) -> MergePlan:
     """Reconcile seams and order the kept nuclei (deterministic; see module docstring).
 
     Only nuclei within ``search_radius`` of a core edge (a multiple of ``block``) can be
     claimed twice; the duplicate search looks at those only, so it stays cheap on slides
     with hundreds of thousands of nuclei.
     """
-    recs = [(t, r) for t in sorted(results) for r in range(len(results[t]))]
-    tiles = np.array([t for t, _ in recs], np.int64)
-    rows = np.array([r for _, r in recs], np.int64)
-    owned = np.array([results[t].owned[r] for t, r in recs], bool)
-    yx = np.array([(results[t].cy[r], results[t].cx[r]) for t, r in recs],
-                  np.float64).reshape(-1, 2)
+    yx, owned = recs.yx, recs.owned
     keep = owned.copy()
-    rem = np.mod(yx, block)
-    near_seam = (np.minimum(rem, block - rem) < search_radius).any(axis=1)
-    own_idx = np.flatnonzero(owned & near_seam)
+    own_idx = np.flatnonzero(owned & (_seam_distance(yx, block) < search_radius))
     duplicates = 0
     if len(own_idx) > 1:
         tree = cKDTree(yx[own_idx])
         for p, q in sorted(tree.query_pairs(search_radius)):
-            i, j = own_idx[p], own_idx[q]  # i < j: recs are sorted by (tile, row)
-            if tiles[i] == tiles[j] or not keep[i] or not keep[j]:
+            i, j = own_idx[p], own_idx[q]  # i < j: records are sorted by (tile, row)
+            if recs.tile[i] == recs.tile[j] or not keep[i] or not keep[j]:
                 continue
-            if _overlap(results[tiles[i]], rows[i], results[tiles[j]], rows[j]) >= 0.5:
+            if _overlap(recs, i, j) >= 0.5:
                 keep[j] = False
                 duplicates += 1
     adopted = 0
@@ -123,95 +220,155 @@ def plan(results: dict[int, tile_result.TileResult], search_radius: float, block
     for c in np.flatnonzero(~owned):
         near = list(kept_idx[tree.query_ball_point(yx[c], search_radius)]) if tree else []
         near += [e for e in extra if np.hypot(*(yx[e] - yx[c])) <= search_radius]
-        rc = results[tiles[c]]
-        if all(_overlap(rc, rows[c], results[tiles[k]], rows[k]) < 0.5 for k in near):
+        if all(_overlap(recs, int(c), int(k)) < 0.5 for k in near):
             keep[c] = True
             extra.append(int(c))
             adopted += 1
     sel = np.flatnonzero(keep)
-    local = np.array([results[tiles[k]].local[rows[k]] for k in sel], np.int64)
-    order = np.lexsort((local, tiles[sel]))
-    sel = sel[order]
+    sel = sel[np.lexsort((recs.local[sel], recs.tile[sel]))]
     return MergePlan(
-        tile=tiles[sel], row=rows[sel], local=local[order],
-        cy=yx[sel, 0].copy(), cx=yx[sel, 1].copy(),
-        area=np.array([results[tiles[k]].area[rows[k]] for k in sel], np.int64),
-        bbox=np.array([results[tiles[k]].bbox[rows[k]] for k in sel], np.int64).reshape(-1, 4),
-        duplicates_removed=duplicates, orphans_adopted=adopted,
+        rec=sel, tile=recs.tile[sel], row=recs.row[sel], local=recs.local[sel],
+        cy=yx[sel, 0].copy(), cx=yx[sel, 1].copy(), area=recs.area[sel],
+        bbox=recs.bbox[sel].reshape(-1, 4), duplicates_removed=duplicates,
+        orphans_adopted=adopted,
     )
 
 
-def paint_core(core: tuple[int, int, int, int], merge_plan: MergePlan,
-               results: dict[int, tile_result.TileResult]) -> np.ndarray:
-    """uint32 labels of one core from every kept nucleus whose box meets it."""
-    y0, x0, y1, x1 = core
-    out = np.zeros((y1 - y0, x1 - x0), np.uint32)
+class TileMasks:
+    """Mask crops of any record: seam masks from memory, others from one tile file at a
+    time (the last one read is cached: callers ask in (tile, row) order)."""
+
+    def __init__(self, job: TileJob, recs: Records) -> None:
+        self._dir, self._grid, self._recs = Path(job.tiles_dir), job.grid, recs
+        self._tile: int | None = None
+        self._flat = self._offsets = np.zeros(0)
+
+    def get(self, rec: int) -> np.ndarray:
+        m = self._recs.masks.get(rec)
+        if m is not None:
+            return m
+        tile, row = int(self._recs.tile[rec]), int(self._recs.row[rec])
+        if tile != self._tile:
+            t = self._grid.tile(tile)
+            with np.load(tile_result.tile_path(self._dir, t.ty, t.tx), allow_pickle=False) as z:
+                self._flat, self._offsets = z["mask_flat"], z["mask_offsets"]
+            self._tile = tile
+        y0, x0, y1, x1 = self._recs.bbox[rec]
+        return self._flat[self._offsets[row]:self._offsets[row + 1]].reshape(
+            int(y1 - y0), int(x1 - x0))
+
+
+def paint(region: Region, stride: int, merge_plan: MergePlan, masks: TileMasks) -> np.ndarray:
+    """uint32 labels of a level-0 ``region`` sampled every ``stride`` px (nearest neighbour:
+    output pixel ``(i, j)`` is level-0 pixel ``(y0 + i * stride, x0 + j * stride)``)."""
+    y0, x0, y1, x1 = region
+    s = stride
+    out = np.zeros((-(-(y1 - y0) // s), -(-(x1 - x0) // s)), np.uint32)
     b = merge_plan.bbox
     hit = np.flatnonzero((b[:, 0] < y1) & (b[:, 2] > y0) & (b[:, 1] < x1) & (b[:, 3] > x0))
-    for k in hit:  # ascending id: deterministic if two masks ever overlap
-        by0, bx0, by1, bx1 = b[k]
-        m = results[int(merge_plan.tile[k])].mask(int(merge_plan.row[k]))
-        sy0, sx0, sy1, sx1 = max(by0, y0), max(bx0, x0), min(by1, y1), min(bx1, x1)
-        sub = m[sy0 - by0:sy1 - by0, sx0 - bx0:sx1 - bx0]
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0][sub] = k + 1
+    for k in hit.tolist():  # ascending id: deterministic if two masks ever overlap
+        by0, bx0, by1, bx1 = (int(v) for v in b[k])
+        fy = y0 + -(-(max(by0, y0) - y0) // s) * s  # first sampled row inside the box
+        fx = x0 + -(-(max(bx0, x0) - x0) // s) * s
+        ey, ex = min(by1, y1), min(bx1, x1)
+        if fy >= ey or fx >= ex:
+            continue
+        sub = masks.get(int(merge_plan.rec[k]))[fy - by0:ey - by0:s, fx - bx0:ex - bx0:s]
+        oy, ox = (fy - y0) // s, (fx - x0) // s
+        out[oy:oy + sub.shape[0], ox:ox + sub.shape[1]][sub] = k + 1
     return out
 
 
-def write_table(path: Path, merge_plan: MergePlan, results: dict[int, tile_result.TileResult],
-                grid: TileGrid, channels: int, metadata: dict[str, str]) -> None:
-    """``nuclei.parquet``: one row per nucleus; schema version in the file metadata."""
+def write_table(path: Path, merge_plan: MergePlan, job: TileJob, channels: int,
+                metadata: dict[str, str]) -> None:
+    """``nuclei.parquet``: one row per nucleus, one row group per tile (its statistics read
+    from that tile's file only); schema version in the file metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n = len(merge_plan)
-    stats = (np.stack([results[int(t)].stats[int(r)] for t, r in
-                       zip(merge_plan.tile, merge_plan.row, strict=True)])
-             if n else np.zeros((0, channels, len(STAT_NAMES))))
-    cols: dict[str, Any] = {
-        "id": pa.array(np.arange(1, n + 1, dtype=np.uint32)),
-        "x": pa.array(merge_plan.cx), "y": pa.array(merge_plan.cy),
-        "area": pa.array(merge_plan.area),
-        "tile": pa.array(merge_plan.tile.astype(np.int32)),
-        "tile_y": pa.array((merge_plan.tile // grid.nx).astype(np.int32)),
-        "tile_x": pa.array((merge_plan.tile % grid.nx).astype(np.int32)),
-    }
-    for c in range(channels):
-        for s, name in enumerate(STAT_NAMES):
-            cols[f"c{c}_{name}"] = pa.array(stats[:, c, s])
-    table = pa.table(cols)
+    grid = job.grid
+    fields = [("id", pa.uint32()), ("x", pa.float64()), ("y", pa.float64()),
+              ("area", pa.int64()), ("tile", pa.int32()), ("tile_y", pa.int32()),
+              ("tile_x", pa.int32())]
+    fields += [(f"c{c}_{name}", pa.float64()) for c in range(channels) for name in STAT_NAMES]
     meta = {"omeflow.schema": "nuclei", "omeflow.schema_version": TABLE_SCHEMA_VERSION,
             **metadata}
-    table = table.replace_schema_metadata({k: str(v) for k, v in meta.items()})
+    schema = pa.schema(fields, metadata={k: str(v) for k, v in meta.items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    bounds = np.flatnonzero(np.diff(merge_plan.tile)) + 1
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for sel in np.split(np.arange(len(merge_plan)), bounds) if len(merge_plan) else []:
+            tile = int(merge_plan.tile[sel[0]])
+            t = grid.tile(tile)
+            with np.load(tile_result.tile_path(Path(job.tiles_dir), t.ty, t.tx),
+                         allow_pickle=False) as z:
+                stats = z["stats"][merge_plan.row[sel]]
+            cols: list[Any] = [
+                (sel + 1).astype(np.uint32), merge_plan.cx[sel], merge_plan.cy[sel],
+                merge_plan.area[sel], np.full(len(sel), tile, np.int32),
+                np.full(len(sel), t.ty, np.int32), np.full(len(sel), t.tx, np.int32)]
+            cols += [stats[:, c, s] for c in range(channels) for s in range(len(STAT_NAMES))]
+            writer.write_table(pa.Table.from_arrays(
+                [pa.array(c, type=f[1]) for c, f in zip(cols, fields, strict=True)],
+                schema=schema))
     os.replace(tmp, path)
+
+
+def level_blocks(shape_yx: tuple[int, int], block: int, level: int, full: tuple[int, int]
+                 ) -> list[tuple[Region, Region]]:
+    """(level-L block, its level-0 region) for the shard-sized blocks of one level."""
+    from hpc_jobs import ngff
+
+    s = 2 ** level
+    out = []
+    for y0, y1, x0, x1 in ngff.blocks(shape_yx, block):
+        out.append(((y0, x0, y1, x1),
+                    (y0 * s, x0 * s, min(y1 * s, full[0]), min(x1 * s, full[1]))))
+    return out
 
 
 def merge(job: TileJob, image_zarr: Path, table_path: Path, task_id: int, task_count: int,
           chunks: tuple[int, int], shards: tuple[int, int] | None, metadata: dict[str, str],
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run this task's share of the merge; return counts for the step summary."""
-    from hpc_jobs.segmentation.labels import ensure_labels_array
+          log: Callable[[str], None] = print, skip: Collection[int] = (),
+          level_shapes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Run this task's share of the merge; return counts for the step summary.
+
+    ``skip``: tiles not segmented (no tissue). ``level_shapes``: (y, x) of the image's
+    pyramid levels, which the label pyramid copies (default: level 0 only).
+    """
+    from hpc_jobs.segmentation.labels import ensure_labels
 
     grid = job.grid
-    results = load_results(job)
-    mp = plan(results, search_radius=max(2.0 * job.diameter, 2.0 * job.claim_margin),
-              block=job.block)
+    radius = max(2.0 * job.diameter, 2.0 * job.claim_margin)
+    recs = scan(job, set(skip), radius)
+    mp = plan(recs, search_radius=radius, block=job.block)
     log(f"merge: {len(mp)} nuclei ({mp.duplicates_removed} seam duplicates removed, "
-        f"{mp.orphans_adopted} seam orphans adopted)")
-    arr = ensure_labels_array(image_zarr, (grid.height, grid.width), chunks, shards)
+        f"{mp.orphans_adopted} seam orphans adopted; {len(recs.masks)} of {len(recs)} "
+        "masks held in memory)")
+    shapes = level_shapes or [(grid.height, grid.width)]
+    arrays = ensure_labels(image_zarr, shapes, chunks, shards)
+    masks = TileMasks(job, recs)
     mine = grid.for_task(task_id, task_count)
     for t in mine:
         y0, x0, y1, x1 = t.core
-        arr[y0:y1, x0:x1] = paint_core(t.core, mp, results)
-    log(f"merge: painted {len(mine)} tile cores into {image_zarr / 'labels' / 'nuclei'}")
+        arrays[0][y0:y1, x0:x1] = paint(t.core, 1, mp, masks)
+    written = 0
+    block = int((shards or chunks)[0])
+    for level in range(1, len(arrays)):
+        for i, (lb, region) in enumerate(level_blocks(shapes[level], block, level,
+                                                      (grid.height, grid.width))):
+            if i % task_count == task_id:
+                arrays[level][lb[0]:lb[2], lb[1]:lb[3]] = paint(region, 2 ** level, mp, masks)
+                written += 1
+    log(f"merge: painted {len(mine)} tile cores and {written} blocks of {len(arrays) - 1} "
+        f"lower level(s) into {image_zarr / 'labels' / 'nuclei'}")
     if task_id == 0:
-        write_table(table_path, mp, results, grid, job.shape[0], metadata)
+        write_table(table_path, mp, job, job.shape[0], metadata)
         log(f"merge: wrote {table_path}")
-    dropped = sum(int(r.info.get("dropped_large", 0)) for r in results.values())
-    if dropped:
-        log(f"merge: WARNING {dropped} objects larger than the halo were dropped; "
+    if recs.dropped_large:
+        log(f"merge: WARNING {recs.dropped_large} objects larger than the halo were dropped; "
             f"raise halo above {job.halo}")
     return {"nuclei": len(mp), "duplicates_removed": mp.duplicates_removed,
-            "orphans_adopted": mp.orphans_adopted, "dropped_large": dropped,
-            "cores_written": len(mine)}
+            "orphans_adopted": mp.orphans_adopted, "dropped_large": recs.dropped_large,
+            "cores_written": len(mine), "label_levels": len(arrays),
+            "seam_masks_held": len(recs.masks)}

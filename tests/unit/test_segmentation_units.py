@@ -12,7 +12,7 @@ from scipy import stats as sps
 
 from hpc_jobs.fsutil import file_sha256
 from hpc_jobs.segmentation import model as seg_model
-from hpc_jobs.segmentation.merge import plan
+from hpc_jobs.segmentation.merge import Records, plan
 from hpc_jobs.segmentation.run_tiles import TileJob, extract_nuclei, pending_tiles
 from hpc_jobs.segmentation.stats import window_stats
 from hpc_jobs.segmentation.tile_result import TileResult, load, save, tile_path
@@ -165,7 +165,7 @@ def test_merge_plan_removes_seam_duplicates_and_adopts_orphans(tmp_path: Path) -
     bottom = _result(1, 1, shifted, [2, 3, 4], [True, False, True])
     save(top, tmp_path / "0_0.npz")
     top = load(tmp_path / "0_0.npz")
-    mp = plan({0: top, 1: bottom}, search_radius=40, block=256)
+    mp = plan(Records.from_results({0: top, 1: bottom}), search_radius=40, block=256)
     assert (mp.duplicates_removed, mp.orphans_adopted, len(mp)) == (1, 1, 4)
     assert mp.tile.tolist() == [0, 0, 0, 1]
     assert mp.local.tolist() == [1, 2, 3, 4]

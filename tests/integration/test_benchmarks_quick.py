@@ -39,6 +39,11 @@ RATIO_LINES: dict[str, list[str]] = {
     "omero_tile_decode.py": [
         rf"^ratio \(struct / numpy\): time {NUM}x, memory {NUM}x",
     ],
+    "annotation_store.py": [
+        rf"^sqlite\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$",
+        rf"^postgresql\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$",
+        rf"^ratio postgresql / sqlite labels/s: {NUM} \(1 annotator\), {NUM} \(2 in parallel\)",
+    ],
     "orchestration_overhead.py": [
         rf"^run  1: success\s+task\s+{NUM} s\s+job\s+{NUM} s\s+overhead\s+-?{NUM} s",
         rf"^local: runs=1 median overhead -?{NUM} s .* overhead / task = -?{NUM}",

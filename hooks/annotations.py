@@ -3,7 +3,9 @@
 Lives on the Airflow side; the cluster never gets database credentials. PostgreSQL through
 ``apache-airflow-providers-postgres`` when the connection ``omeflow_annotations`` exists,
 else SQLite in ``$AIRFLOW_HOME/var/annotations.sqlite`` (the embedded default; the choice is
-logged). One code path for both: SQLAlchemy Core (:mod:`hooks.annotation_schema`).
+logged). One code path for both: SQLAlchemy Core. Beside this module:
+:mod:`hooks.annotation_schema` (the tables), :mod:`hooks.annotation_db` (engines,
+migrations), :mod:`hooks.annotation_checks` (input checks, errors, kappa).
 
 Getting a store::
 
@@ -84,29 +86,50 @@ id``, ``models()`` -> newest first.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import io
-import json
 import logging
-import math
 import random
-import re
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from hooks import annotation_schema as schema
+from hooks.annotation_checks import (
+    MAX_CROP_BYTES,
+    AnnotationInputError,
+    AnnotationStoreError,
+    NotFound,
+    StoreNotMigrated,
+    aware,
+    candidate_row,
+    check_annotator,
+    check_crop,
+    check_int,
+    check_label,
+    check_number,
+    cohen_kappa,
+    json_clean,
+    params_hash,
+    utcnow,
+)
+from hooks.annotation_db import (
+    MIGRATE_COMMAND,
+    current_revision,
+    embedded_sqlite_path,
+    engine_from_url,
+    head_revision,
+    migrate,
+    sqlite_engine,
+    where,
+)
 from hooks.annotation_schema import (
     LABELS,
-    VERSION_TABLE,
     candidate_sets,
     candidates,
     crops,
@@ -119,302 +142,20 @@ try:  # the hook needs Airflow; the store itself (tests, CLI with --url) does no
 except ImportError:  # pragma: no cover - Airflow is installed wherever the hook is used
     BaseHook = object  # type: ignore[assignment,misc]
 
+__all__ = [
+    "DEFAULT_CONN_ID", "LABELS", "LEASE_S", "MAX_CROP_BYTES", "AnnotationHook",
+    "AnnotationInputError", "AnnotationStore", "AnnotationStoreError", "NotFound",
+    "StoreNotMigrated", "cohen_kappa", "engine_from_url", "head_revision", "migrate",
+    "sqlite_engine",
+]
+
 DEFAULT_CONN_ID = "omeflow_annotations"
-#: File name of the embedded default under ``$AIRFLOW_HOME/var``.
-SQLITE_NAME = "annotations.sqlite"
-#: The folder of the Alembic environment and its revisions.
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "annotation_migrations"
-MIGRATE_COMMAND = "omeflow annotations migrate"
 #: Default queue lease: how long a served candidate is kept from other annotators.
 LEASE_S = 120
-#: Upper bound of one crop PNG.
-MAX_CROP_BYTES = 1 << 20
-MAX_ZOOM = 16
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORDERS = ("random", "uncertain")
 EXPORT_FORMATS = ("csv", "parquet")
-_KIND = re.compile(r"[a-z0-9_]{1,32}")
-_CANDIDATE_KEYS = {"nucleus_id", "x", "y", "area", "roi", "score", "stats"}
 _INSERT_CHUNK = 1000
-#: PostgreSQL advisory lock key held while migrating (two migrate runs do not interleave).
-_MIGRATE_LOCK = 0x6F6D65666C6F77
 log = logging.getLogger(__name__)
-
-
-class AnnotationStoreError(Exception):
-    """The annotation store cannot be used as configured; the message names the fix."""
-
-
-class StoreNotMigrated(AnnotationStoreError):
-    """The database is not at the newest schema revision."""
-
-
-class AnnotationInputError(ValueError):
-    """A value given to the store is not acceptable; the message names the fix."""
-
-
-class NotFound(LookupError):
-    """No candidate set, candidate or crop with that id."""
-
-
-def utcnow() -> datetime:
-    """The current time, aware UTC."""
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes (stored as UTC): make them aware."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-# ---------------------------------------------------------------------------------------
-# engines
-
-
-def sqlite_engine(path: Path) -> Engine:
-    """A SQLite engine on ``path`` (created with its folder): foreign keys on, WAL journal,
-    30 s busy timeout, and every transaction ``BEGIN IMMEDIATE`` (writers queue instead of
-    failing with "database is locked" halfway through a transaction)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
-    _configure_sqlite(engine)
-    return engine
-
-
-def _configure_sqlite(engine: Engine) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # pysqlite: let the "begin" hook start transactions
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA busy_timeout = 30000")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def engine_from_url(url: str | sa.URL) -> Engine:
-    """An engine for a SQLAlchemy URL (``sqlite:///path`` or ``postgresql[+driver]://...``)."""
-    url = sa.make_url(url)
-    if url.get_backend_name() == "sqlite":
-        if not url.database or url.database == ":memory:":
-            raise AnnotationInputError(
-                "the annotation store needs a SQLite file (sqlite:////abs/path.sqlite), "
-                "not an in-memory database"
-            )
-        return sqlite_engine(Path(url.database))
-    if url.get_backend_name() != "postgresql":
-        raise AnnotationInputError(
-            f"the annotation store runs on PostgreSQL or SQLite, not {url.get_backend_name()!r}"
-        )
-    return sa.create_engine(url, pool_pre_ping=True)
-
-
-def embedded_sqlite_path() -> Path:
-    """``$AIRFLOW_HOME/var/annotations.sqlite`` (see :func:`hpc_jobs.embedded.embedded_home`)."""
-    from hpc_jobs.embedded import embedded_home
-
-    return embedded_home() / "var" / SQLITE_NAME
-
-
-def _where(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
-
-
-# ---------------------------------------------------------------------------------------
-# migrations
-
-
-def _alembic_config(connection: Connection | None) -> Any:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    return cfg
-
-
-def head_revision() -> str:
-    """The newest revision of the store's schema."""
-    from alembic.script import ScriptDirectory
-
-    head = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
-    assert head is not None
-    return head
-
-
-def current_revision(engine: Engine) -> str | None:
-    """The database's schema revision (None: never migrated)."""
-    from alembic.runtime.migration import MigrationContext
-
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        return ctx.get_current_revision()
-
-
-def migrate(engine: Engine) -> tuple[str | None, str]:
-    """Upgrade the database to the newest revision; returns (before, after). A database
-    already at the head is left as it is."""
-    from alembic import command
-
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
-        from alembic.runtime.migration import MigrationContext
-
-        before = MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE}
-        ).get_current_revision()
-        command.upgrade(_alembic_config(conn), "head")
-    after = current_revision(engine)
-    assert after is not None
-    return before, after
-
-
-# ---------------------------------------------------------------------------------------
-# input checks
-
-
-def _check_label(value: Any) -> str:
-    if value not in LABELS:
-        raise AnnotationInputError(
-            f"label {value!r} is not allowed; use one of {', '.join(LABELS)}"
-        )
-    return str(value)
-
-
-def _check_annotator(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 250:
-        raise AnnotationInputError(
-            f"annotator {value!r}: give the user name (a non-empty string of at most 250 "
-            "characters)"
-        )
-    return value
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            as_int = int(value)
-        except (TypeError, ValueError):
-            as_int = None
-        if as_int is None or as_int != value:
-            raise AnnotationInputError(f"{name} must be an integer, got {value!r}")
-        value = as_int
-    return int(value)
-
-
-def _check_number(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise AnnotationInputError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def _json_clean(value: Any, where: str) -> Any:
-    """JSON-storable copy of ``value``: numpy scalars to Python, non-finite floats to None."""
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
-        with contextlib.suppress(TypeError, ValueError):
-            value = value.item()
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_clean(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(v, where) for v in value]
-    raise AnnotationInputError(
-        f"{where}: {type(value).__name__} is not JSON (use numbers, strings, lists, dicts)"
-    )
-
-
-def params_hash(rule: str, params: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of (rule, params): a candidate set's rule identity."""
-    canonical = json.dumps([rule, params], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _candidate_row(set_id: int, image_id: int, item: Mapping[str, Any], rng: random.Random
-                   ) -> dict[str, Any]:
-    if not isinstance(item, Mapping):
-        raise AnnotationInputError(f"a candidate must be a mapping, got {type(item).__name__}")
-    missing = [k for k in ("nucleus_id", "x", "y", "area") if k not in item]
-    if missing:
-        raise AnnotationInputError(f"candidate {dict(item)!r} lacks {', '.join(missing)}")
-    nid = _check_int("nucleus_id", item["nucleus_id"])
-    stats = dict(item.get("stats") or {})
-    stats.update({k: v for k, v in item.items() if k not in _CANDIDATE_KEYS})
-    roi = item.get("roi")
-    if roi is not None and (not isinstance(roi, str) or len(roi) > 250):
-        raise AnnotationInputError(f"candidate {nid}: roi must be a name (str), got {roi!r}")
-    score = item.get("score")
-    return {
-        "set_id": set_id,
-        "image_id": image_id,
-        "nucleus_id": nid,
-        "x": _check_number(f"candidate {nid}: x", item["x"]),
-        "y": _check_number(f"candidate {nid}: y", item["y"]),
-        "area": _check_number(f"candidate {nid}: area", item["area"]),
-        "roi": roi,
-        "stats": _json_clean(stats, f"candidate {nid}: stats"),
-        "score": None if score is None else _check_number(f"candidate {nid}: score", score),
-        "rand_key": rng.random(),
-    }
-
-
-def _check_crop(item: Any) -> tuple[int, str, int, bytes]:
-    try:
-        nucleus_id, kind, zoom, png = item
-    except (TypeError, ValueError):
-        raise AnnotationInputError(
-            "a crop is a tuple (nucleus_id, kind, zoom, png_bytes)"
-        ) from None
-    nid = _check_int("nucleus_id", nucleus_id)
-    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
-        raise AnnotationInputError(
-            f"crop kind {kind!r}: use 1-32 characters a-z, 0-9, _ (e.g. 'dapi', 'composite')"
-        )
-    zoom = _check_int("zoom", zoom)
-    if not 1 <= zoom <= MAX_ZOOM:
-        raise AnnotationInputError(f"crop zoom {zoom} is out of range 1..{MAX_ZOOM}")
-    if not isinstance(png, (bytes, bytearray, memoryview)):
-        raise AnnotationInputError(f"crop of nucleus {nid}: PNG bytes expected")
-    png = bytes(png)
-    if not png.startswith(PNG_SIGNATURE):
-        raise AnnotationInputError(f"crop {kind}/{zoom} of nucleus {nid} is not a PNG")
-    if len(png) > MAX_CROP_BYTES:
-        raise AnnotationInputError(
-            f"crop {kind}/{zoom} of nucleus {nid} has {len(png)} bytes; at most "
-            f"{MAX_CROP_BYTES} (render a smaller crop)"
-        )
-    return nid, kind, zoom, png
-
-
-def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:
-    """Cohen's kappa of paired labels; None when undefined (expected agreement is 1)."""
-    n = len(pairs)
-    if not n:
-        return None
-    observed = sum(a == b for a, b in pairs) / n
-    count_a: dict[str, int] = defaultdict(int)
-    count_b: dict[str, int] = defaultdict(int)
-    for a, b in pairs:
-        count_a[a] += 1
-        count_b[b] += 1
-    expected = sum(count_a[k] * count_b[k] for k in count_a) / (n * n)
-    if expected >= 1.0:
-        return None
-    return (observed - expected) / (1.0 - expected)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,7 +185,7 @@ class AnnotationStore:
     @property
     def where(self) -> str:
         """The database URL, password hidden."""
-        return _where(self.engine)
+        return where(self.engine)
 
     # -- schema ------------------------------------------------------------------------
 
@@ -491,21 +232,21 @@ class AnnotationStore:
         dag_id: str = "celldetector_candidates",
     ) -> int:
         """Store a candidate set with its candidates; returns its id (idempotent)."""
-        image_id = _check_int("image_id", image_id)
+        image_id = check_int("image_id", image_id)
         for name, value in (("run_id", run_id), ("rule", rule), ("dag_id", dag_id)):
             if not isinstance(value, str) or not value or len(value) > 250:
                 raise AnnotationInputError(f"{name} must be a non-empty string, got {value!r}")
         if len(rule) > 64:
             raise AnnotationInputError(f"rule {rule!r} is longer than 64 characters")
-        params = _json_clean(dict(params), "params")
-        thresholds = _json_clean(dict(thresholds), "thresholds")
+        params = json_clean(dict(params), "params")
+        thresholds = json_clean(dict(thresholds), "thresholds")
         digest = params_hash(rule, params)
         identity = sa.and_(
             candidate_sets.c.image_id == image_id,
             candidate_sets.c.run_id == run_id,
             candidate_sets.c.params_hash == digest,
         )
-        rows = [_candidate_row(0, image_id, c, self._rng) for c in candidates]
+        rows = [candidate_row(0, image_id, c, self._rng) for c in candidates]
         seen: set[int] = set()
         for row in rows:
             if row["nucleus_id"] in seen:
@@ -540,7 +281,7 @@ class AnnotationStore:
 
     def add_crops(self, set_id: int, items: Iterable[Any]) -> int:
         """Store (or replace) crops ``(nucleus_id, kind, zoom, png)`` of a set's candidates."""
-        checked = [_check_crop(item) for item in items]
+        checked = [check_crop(item) for item in items]
         if not checked:
             return 0
         with self._begin() as conn:
@@ -573,10 +314,10 @@ class AnnotationStore:
             ids = self._nucleus_map(conn, set_id)
             n = 0
             for nid, score in scores.items():
-                nid = _check_int("nucleus_id", nid)
+                nid = check_int("nucleus_id", nid)
                 if nid not in ids:
                     raise AnnotationInputError(f"candidate set {set_id} has no nucleus {nid}")
-                value = None if score is None else _check_number(f"score of {nid}", score)
+                value = None if score is None else check_number(f"score of {nid}", score)
                 conn.execute(
                     candidates.update().where(candidates.c.id == ids[nid]).values(score=value)
                 )
@@ -584,7 +325,7 @@ class AnnotationStore:
         return n
 
     def _nucleus_map(self, conn: Connection, set_id: int) -> dict[int, int]:
-        set_id = _check_int("set_id", set_id)
+        set_id = check_int("set_id", set_id)
         if conn.execute(sa.select(candidate_sets.c.id).where(candidate_sets.c.id == set_id)
                         ).scalar() is None:
             raise NotFound(f"no candidate set {set_id}")
@@ -607,7 +348,7 @@ class AnnotationStore:
             candidate_sets.c.id.desc()
         )
         if image_id is not None:
-            query = query.where(candidate_sets.c.image_id == _check_int("image_id", image_id))
+            query = query.where(candidate_sets.c.image_id == check_int("image_id", image_id))
         with self._begin() as conn:
             return [_set_dict(row) for row in conn.execute(query).mappings()]
 
@@ -624,7 +365,7 @@ class AnnotationStore:
 
     def candidate(self, candidate_id: int) -> dict[str, Any]:
         """One candidate with its set's ``dag_id``/``run_id`` and the ``crops`` it has."""
-        candidate_id = _check_int("candidate_id", candidate_id)
+        candidate_id = check_int("candidate_id", candidate_id)
         with self._begin() as conn:
             row = conn.execute(
                 sa.select(*_CANDIDATE_COLUMNS, candidate_sets.c.dag_id, candidate_sets.c.run_id)
@@ -642,13 +383,13 @@ class AnnotationStore:
 
     def crop(self, candidate_id: int, kind: str, zoom: int) -> bytes:
         """The PNG of one crop."""
-        candidate_id = _check_int("candidate_id", candidate_id)
+        candidate_id = check_int("candidate_id", candidate_id)
         with self._begin() as conn:
             png = conn.execute(
                 sa.select(crops.c.png).where(
                     crops.c.candidate_id == candidate_id,
                     crops.c.kind == kind,
-                    crops.c.zoom == _check_int("zoom", zoom),
+                    crops.c.zoom == check_int("zoom", zoom),
                 )
             ).scalar()
         if png is None:
@@ -674,14 +415,17 @@ class AnnotationStore:
         lease_s: float = LEASE_S,
     ) -> list[dict[str, Any]]:
         """Up to ``n`` candidates to show, leased to this annotator (see the module docs)."""
-        annotator = _check_annotator(annotator)
-        set_id = _check_int("set_id", set_id)
-        n = _check_int("n", n)
+        annotator = check_annotator(annotator)
+        set_id = check_int("set_id", set_id)
+        n = check_int("n", n)
         if not 1 <= n <= 100:
             raise AnnotationInputError(f"n={n}: ask for 1..100 candidates")
         if order not in ORDERS:
             raise AnnotationInputError(f"order {order!r}: use one of {', '.join(ORDERS)}")
-        exclude = [_check_int("exclude", c) for c in exclude]
+        exclude = [check_int("exclude", c) for c in exclude]
+        lease_s = check_number("lease_s", lease_s)
+        if not 0 < lease_s <= 3600:
+            raise AnnotationInputError(f"lease_s={lease_s}: use 0 < lease_s <= 3600 seconds")
         now = utcnow()
         mine = sa.and_(candidates.c.leased_by == annotator, candidates.c.leased_until > now)
         labelled = sa.select(labels.c.id).where(
@@ -767,9 +511,9 @@ class AnnotationStore:
 
     def label(self, candidate_id: int, annotator: str, label: str) -> dict[str, Any]:
         """Add a label revision; returns it. It becomes this annotator's current label."""
-        candidate_id = _check_int("candidate_id", candidate_id)
-        annotator = _check_annotator(annotator)
-        label = _check_label(label)
+        candidate_id = check_int("candidate_id", candidate_id)
+        annotator = check_annotator(annotator)
+        label = check_label(label)
         with self._begin() as conn:
             exists = conn.execute(
                 sa.select(candidates.c.id).where(candidates.c.id == candidate_id)
@@ -793,8 +537,8 @@ class AnnotationStore:
 
     def undo(self, candidate_id: int, annotator: str) -> dict[str, Any]:
         """Undo this annotator's current label of a candidate (kept as an undone revision)."""
-        candidate_id = _check_int("candidate_id", candidate_id)
-        annotator = _check_annotator(annotator)
+        candidate_id = check_int("candidate_id", candidate_id)
+        annotator = check_annotator(annotator)
         live = sa.and_(labels.c.candidate_id == candidate_id, labels.c.annotator == annotator,
                        labels.c.undone_at.is_(None))
         with self._begin() as conn:
@@ -823,11 +567,11 @@ class AnnotationStore:
         """Current labels (or every revision with ``history``), oldest first."""
         filters = []
         if set_id is not None:
-            filters.append(candidates.c.set_id == _check_int("set_id", set_id))
+            filters.append(candidates.c.set_id == check_int("set_id", set_id))
         if image_id is not None:
-            filters.append(candidates.c.image_id == _check_int("image_id", image_id))
+            filters.append(candidates.c.image_id == check_int("image_id", image_id))
         if candidate_id is not None:
-            filters.append(labels.c.candidate_id == _check_int("candidate_id", candidate_id))
+            filters.append(labels.c.candidate_id == check_int("candidate_id", candidate_id))
         if annotator is not None:
             filters.append(labels.c.annotator == annotator)
         current = _current_ids()
@@ -850,7 +594,7 @@ class AnnotationStore:
 
     def progress(self, set_id: int) -> dict[str, Any]:
         """Counts of current labels per annotator in a set."""
-        set_id = _check_int("set_id", set_id)
+        set_id = check_int("set_id", set_id)
         with self._begin() as conn:
             self._nucleus_map(conn, set_id)
             total = conn.execute(
@@ -941,8 +685,8 @@ class AnnotationStore:
         with self._begin() as conn:
             return int(conn.execute(
                 models.insert().values(
-                    path=path, params=_json_clean(dict(params), "params"),
-                    data_hash=str(data_hash), metrics=_json_clean(dict(metrics), "metrics"),
+                    path=path, params=json_clean(dict(params), "params"),
+                    data_hash=str(data_hash), metrics=json_clean(dict(metrics), "metrics"),
                     created_at=utcnow(),
                 ).returning(models.c.id)
             ).scalar_one())
@@ -951,7 +695,7 @@ class AnnotationStore:
         """Registered models, newest first."""
         with self._begin() as conn:
             rows = conn.execute(sa.select(models).order_by(models.c.id.desc())).mappings()
-            return [dict(r, created_at=_aware(r["created_at"])) for r in rows]
+            return [dict(r, created_at=aware(r["created_at"])) for r in rows]
 
 
 _CANDIDATE_COLUMNS = (
@@ -976,7 +720,7 @@ def _label_dict(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
     out = dict(row)
     for key in ("created_at", "undone_at"):
         if key in out:
-            out[key] = _aware(out[key])
+            out[key] = aware(out[key])
     if "current" in out:
         out["current"] = bool(out["current"])
     return out
@@ -985,15 +729,17 @@ def _label_dict(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
 def _set_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out.pop("params_hash", None)
-    out["created_at"] = _aware(out["created_at"])
+    out["created_at"] = aware(out["created_at"])
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # the Airflow hook
 
-_ENGINES: dict[str, Engine] = {}
-_ENGINES_LOCK = threading.Lock()
+#: One store per database URL in this process (its engine's pool and its schema check are
+#: shared by every request of the api-server).
+_STORES: dict[str, AnnotationStore] = {}
+_STORES_LOCK = threading.Lock()
 
 
 class AnnotationHook(BaseHook):  # type: ignore[misc,valid-type]
@@ -1039,16 +785,17 @@ class AnnotationHook(BaseHook):  # type: ignore[misc,valid-type]
 
     def get_engine(self) -> Engine:
         """The engine of :meth:`get_url`, shared within this process."""
+        return self.get_store().engine
+
+    def get_store(self) -> AnnotationStore:
+        """The :class:`AnnotationStore` on this hook's database, shared within this process
+        (thread-safe; it refuses to work until the database is migrated)."""
         url = self.get_url()
         key = url.render_as_string(hide_password=False)
-        with _ENGINES_LOCK:
-            if key not in _ENGINES:
-                _ENGINES[key] = engine_from_url(url)
-            return _ENGINES[key]
-
-    def get_store(self, check_schema: bool = True) -> AnnotationStore:
-        """An :class:`AnnotationStore` on this hook's database."""
-        return AnnotationStore(self.get_engine(), check_schema=check_schema)
+        with _STORES_LOCK:
+            if key not in _STORES:
+                _STORES[key] = AnnotationStore(engine_from_url(url))
+            return _STORES[key]
 
     def get_conn(self) -> AnnotationStore:
         """The store (BaseHook's accessor)."""

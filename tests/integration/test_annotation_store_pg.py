@@ -4,9 +4,12 @@ serves one candidate to two annotators, and no label revision is lost."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,3 +135,39 @@ def test_same_annotator_two_tabs_last_label_wins(store: AnnotationStore) -> None
     assert [r["label"] for r in tab1.labels(candidate_id=cid, history=True)] == [
         "positive", "negative"]
     tab1.engine.dispose()
+
+
+WORKER = """
+import random, sys
+from hooks.annotations import AnnotationStore
+url, annotator, seed, ids = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
+store = AnnotationStore.from_url(url)
+rng = random.Random(seed)
+for i in range(200):
+    store.label(int(ids[i % len(ids)]), annotator, rng.choice(["positive", "negative", "unsure"]))
+"""
+
+
+def test_annotators_in_separate_processes_lose_nothing(store: AnnotationStore) -> None:
+    """Two api-server workers (processes with their own engines) x 200 labels each: every
+    label each process gave is stored."""
+    set_id = add_set(store, 40)
+    ids = ",".join(str(c["id"]) for c in store.candidates(set_id))
+    url = store.engine.url.render_as_string(hide_password=False)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(seed), ids],
+                         cwd=Path(__file__).resolve().parents[2], stderr=subprocess.PIPE,
+                         text=True)
+        for seed, name in enumerate(("alice", "bob"))
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    history = store.labels(set_id=set_id, history=True)
+    id_list = [int(i) for i in ids.split(",")]
+    for seed, name in enumerate(("alice", "bob")):
+        rng = random.Random(seed)  # the worker's own sequence, replayed
+        expected = Counter((id_list[i % len(id_list)], rng.choice(LABELS)) for i in range(200))
+        assert Counter((r["candidate_id"], r["label"]) for r in history
+                       if r["annotator"] == name) == expected
+    assert len(store.labels(set_id=set_id)) == 80  # 40 candidates x 2 annotators

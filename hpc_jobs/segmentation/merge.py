@@ -166,7 +166,7 @@ def scan(job: TileJob, skip: Collection[int], search_radius: float) -> Records:
             crosses = ((b[:, 0] < core[0]) | (b[:, 1] < core[1]) | (b[:, 2] > core[2])
                        | (b[:, 3] > core[3]))
             seam = np.flatnonzero(~part.owned | crosses
-                                  | (_seam_distance(part.yx, job.block) < reach))
+                                  | (_seam_distance(part.yx, job.block) <= reach))
             if len(seam):
                 flat, offsets = z["mask_flat"], z["mask_offsets"]
                 for r in seam.tolist():

@@ -157,14 +157,26 @@ def segment(
     flow_threshold: float = 0.4,
     cellprob_threshold: float = 0.0,
     batch_size: int = 8,
+    norm: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Run Cellpose on one preprocessed 2-D image; return int32 labels (0 = background)."""
+    """Run Cellpose on one preprocessed 2-D image; return int32 labels (0 = background).
+
+    ``norm`` = (low, high): the fixed range (in ``image``'s values) that Cellpose maps to
+    0..1, the same for every tile of a slide; None lets Cellpose use the image's own 1st/99th
+    percentiles (which makes the result depend on what else is in the image).
+    """
+    normalize: bool | dict[str, Any] = True
+    if norm is not None:
+        # one row per network input channel: DAPI gets the range; the empty second channel
+        # of a grayscale input stays 0 (identity range), as Cellpose leaves it by default
+        nchan = int(getattr(model, "nchan", 2) or 1)
+        normalize = {"lowhigh": [[float(norm[0]), float(norm[1])]] + [[0.0, 1.0]] * (nchan - 1)}
     kwargs: dict[str, Any] = {
         "diameter": diameter,
         "flow_threshold": flow_threshold,
         "cellprob_threshold": cellprob_threshold,
         "batch_size": batch_size,
-        "normalize": True,
+        "normalize": normalize,
     }
     if eval_accepts_channels(model.eval):
         kwargs["channels"] = [0, 0]

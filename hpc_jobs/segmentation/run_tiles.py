@@ -56,6 +56,10 @@ class TileJob:
     window: int = 101
     claim_margin: int = 16
     batch_size: int = 8
+    #: the slide-wide DAPI range (of the preprocessed values) Cellpose maps to 0..1
+    #: (:mod:`.normalise`); None: per-tile percentiles. Part of the config key.
+    norm_low: float | None = None
+    norm_high: float | None = None
 
     @property
     def grid(self) -> TileGrid:
@@ -165,8 +169,10 @@ def process_tile(job: TileJob, tile: Tile) -> dict[str, Any]:
     wy0, wx0, wy1, wx1 = tile.window
     dapi = pixels[job.dapi_channel, wy0 - ry0:wy1 - ry0, wx0 - rx0:wx1 - rx0]
     t1 = time.perf_counter()
+    norm = None if job.norm_low is None or job.norm_high is None else (job.norm_low,
+                                                                         job.norm_high)
     labels = segment(_STATE["model"], preprocess(dapi, job.log_transform), job.diameter,
-                     job.flow_threshold, job.cellprob_threshold, job.batch_size)
+                     job.flow_threshold, job.cellprob_threshold, job.batch_size, norm)
     t2 = time.perf_counter()
     rec, dropped = extract_nuclei(labels, tile, (height, width), job.claim_margin)
     stats = window_stats(pixels, (ry0, rx0), np.stack([rec["cy"], rec["cx"]], axis=1),

@@ -18,7 +18,8 @@ the tile this can only happen when the object is larger than the halo; such obje
 counted (``dropped_large``) and logged, and the fix is a larger ``halo``.
 
 Two tiles segment a nucleus near their common core edge independently, with slightly
-different context (Cellpose normalises per window and places its own 224 px sub-tiles), so
+different context (Cellpose places its own 224 px sub-tiles in each window; the intensity
+range is the same for all tiles, see :mod:`.normalise`), so
 its mask, hence its centroid, can differ by a fraction of a pixel: it might be claimed by
 both tiles or by neither. Each tile therefore also records *candidates*: nuclei whose
 centroid lies outside its core but within ``claim_margin`` px of it. The merge

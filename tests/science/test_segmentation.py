@@ -39,6 +39,8 @@ def _run(root: Path, image: np.ndarray, block: int, task: tuple[int, int] | None
          phase: str = "all", processes: int = 1, write: bool = True) -> dict[str, Any]:
     ctx = make_context(root, cpus=processes, task=task)
     if write:
+        with ctx.open_store() as store:  # the step reads the image's ROIs from the store
+            assert store.add_image("slide", image, ["DAPI", "marker"]) == 1
         write_image(ctx, 1, image)
     params = segment_nuclei.Params(image_id=1, block_size=block, halo=64, phase=phase,
                                    processes=processes)
@@ -135,6 +137,8 @@ def test_labels_group_is_valid_ngff(tiled) -> None:
     assert node.metadata.get("name") == "nuclei"
     data = np.asarray(node.data[0])
     assert data.shape == (SIZE, SIZE) and data.max() == arr[...].max()
+    # a pyramid like the image's (512, 256, 128 px with chunks of 128)
+    assert [tuple(d.shape) for d in node.data] == [(512, 512), (256, 256), (128, 128)]
 
 
 def test_resume_skips_finished_tiles_and_reruns_are_identical(tiled, slide) -> None:
@@ -157,6 +161,7 @@ def test_array_tasks_then_merge_equal_the_all_run(tiled, slide, tmp_path: Path) 
     with pytest.raises(RuntimeError, match="phase='tiles'"):
         broken = tmp_path / "broken"
         shutil.copytree(tmp_path / "data", broken / "data")
+        shutil.copytree(tmp_path / "store", broken / "store")
         next((broken / "data" / "images" / "1" / "segmentation" / "tiles").glob("*.npz")
              ).unlink()
         _run(broken, slide[0], block=256, phase="merge", write=False)
@@ -166,10 +171,17 @@ def test_array_tasks_then_merge_equal_the_all_run(tiled, slide, tmp_path: Path) 
     labels_all, table_all = _outputs(tiled[0])
     np.testing.assert_array_equal(labels, labels_all)
     pd.testing.assert_frame_equal(table, table_all)
+    # every level of the label pyramid, each written by the task owning its shards
+    for level in (1, 2):
+        path = tmp_path / "data" / "images" / "1" / "image.zarr" / "labels" / "nuclei"
+        part = zarr.open_array(path / str(level), mode="r")[...]
+        np.testing.assert_array_equal(part, labels_all[::2 ** level, ::2 ** level])
 
 
 def test_dapi_channel_out_of_range_names_the_fix(tmp_path: Path, slide) -> None:
     ctx = make_context(tmp_path)
+    with ctx.open_store() as store:
+        store.add_image("slide", slide[0])
     write_image(ctx, 1, slide[0])
     with pytest.raises(ValueError, match=r"2 channel\(s\); dapi_channel=5 .*use 0\.\.1"):
         segment_nuclei.run(segment_nuclei.Params(image_id=1, dapi_channel=5), ctx)

@@ -10,6 +10,7 @@ the connection ``omeflow_annotations``, else ``$AIRFLOW_HOME/var/annotations.sql
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from hooks.annotations import (
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the action; 0 on success, 1 with a message on stderr otherwise."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # our one line says what happened
     try:
         if args.url:
             engine = engine_from_url(args.url)

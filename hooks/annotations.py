@@ -451,13 +451,22 @@ class AnnotationStore:
         with self._begin() as conn:
             ids = self._pick(conn, eligible, keys, n, exclude, lock=not agreement)
             if not agreement:
-                # leave the annotator's other leases in this set, then lease these
-                conn.execute(
-                    candidates.update()
+                # leave the annotator's other leases in this set (skipping rows another
+                # annotator has just locked to take over: waiting on them could deadlock),
+                # then lease these
+                others = conn.execute(
+                    sa.select(candidates.c.id)
                     .where(candidates.c.set_id == set_id, candidates.c.leased_by == annotator,
                            candidates.c.id.not_in(ids or [-1]))
-                    .values(leased_by=None, leased_until=None)
-                )
+                    .with_for_update(skip_locked=True)
+                ).scalars().all()
+                if others:
+                    conn.execute(
+                        candidates.update()
+                        .where(candidates.c.id.in_(others),
+                               candidates.c.leased_by == annotator)
+                        .values(leased_by=None, leased_until=None)
+                    )
                 if ids:
                     conn.execute(
                         candidates.update()

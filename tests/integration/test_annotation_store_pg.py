@@ -171,3 +171,32 @@ def test_annotators_in_separate_processes_lose_nothing(store: AnnotationStore) -
         assert Counter((r["candidate_id"], r["label"]) for r in history
                        if r["annotator"] == name) == expected
     assert len(store.labels(set_id=set_id)) == 80  # 40 candidates x 2 annotators
+
+
+def test_taking_candidates_never_waits_on_a_row_another_annotator_locked(
+    postgres_db: str,
+) -> None:
+    """alice moves on while bob's transaction holds alice's old (expired) candidate, about to
+    take it over: alice must not wait for that row lock (two such waits deadlock)."""
+    import sqlalchemy as sa
+
+    AnnotationStore.from_url(postgres_db).migrate()
+    store = AnnotationStore.from_url(postgres_db)
+
+    @sa.event.listens_for(store.engine, "connect")
+    def _no_waiting(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:  # a lock wait becomes an error instead of a hang
+            cur.execute("SET lock_timeout = '5s'")
+        dbapi_conn.commit()
+
+    set_id = add_set(store, 3)
+    old = store.next_candidate(set_id, "alice")
+    other = sa.create_engine(postgres_db)
+    with other.connect() as bob:
+        bob.execute(sa.text("SELECT id FROM candidates WHERE id = :i FOR UPDATE"),
+                    {"i": old["id"]})
+        new = store.next_candidate(set_id, "alice", exclude=[old["id"]])
+        bob.rollback()
+    assert new is not None and new["id"] != old["id"]
+    other.dispose()
+    store.engine.dispose()

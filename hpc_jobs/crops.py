@@ -1,6 +1,7 @@
 """Candidate crops for people to look at: small 8-bit PNGs rendered on the cluster.
 
-Per candidate and zoom, one grey PNG per channel and an RGB composite with the nucleus
+Per candidate and zoom, one grey PNG per channel (named ``marker``, ``dapi``, ``c<index>``
+for the others) and an RGB composite with the nucleus
 outline. Every PNG is ``size`` x ``size`` pixels; zoom ``k`` (1, 2, ...) covers a window of
 ``k * size`` level-0 pixels centred on the nucleus, downsampled by ``k`` (block mean; the
 labels by nearest neighbour). Pixels outside the image are black.
@@ -18,7 +19,7 @@ Chunks. Rendered candidates are written as JSON files ``crops.<nnnn>.json`` in t
 returns files up to ``protocol.MAX_CHUNK_BYTES``) fetches them one at a time::
 
     {"schema": CHUNK_SCHEMA, "chunk": 0, "candidates": [
-        {...candidate row..., "crops": {"1": {"composite": "<base64 png>", "c0": ..., ...},
+        {...candidate row..., "crops": {"1": {"composite": "<b64 png>", "dapi": ..., "marker": ...},
                                         "2": {...}}}]}
 """
 
@@ -94,6 +95,13 @@ def png(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def crop_kind(channel: int, dapi_channel: int, marker_channel: int) -> str:
+    """The crop name of a channel: ``marker``, ``dapi``, else ``c<channel>``."""
+    if channel == marker_channel:
+        return "marker"
+    return "dapi" if channel == dapi_channel else f"c{channel}"
+
+
 def render(
     pixels: np.ndarray,
     labels: np.ndarray,
@@ -104,7 +112,8 @@ def render(
     dapi_channel: int,
     marker_channel: int,
 ) -> dict[str, dict[str, str]]:
-    """PNGs of one candidate: ``{zoom: {"composite": b64, "c<i>": b64, ...}}``.
+    """PNGs of one candidate: ``{zoom: {"composite": b64, "dapi": b64, "marker": b64,
+    "c<i>": b64 (other channels)}}``.
 
     ``pixels`` (c, W, W) and ``labels`` (W, W) are the widest window, ``W = max(zooms) *
     size``, centred on the nucleus.
@@ -124,7 +133,9 @@ def render(
         rgb = np.stack([red, grey[marker_channel], grey[dapi_channel]], axis=-1)
         rgb[outline(lab == label_id)] = OUTLINE_RGB
         crops = {"composite": png(rgb)}
-        crops.update({f"c{c}": png(g) for c, g in enumerate(grey)})
+        crops.update({
+            crop_kind(c, dapi_channel, marker_channel): png(g) for c, g in enumerate(grey)
+        })
         out[str(k)] = crops
     return out
 

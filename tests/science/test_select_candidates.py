@@ -184,7 +184,8 @@ def test_crops_show_the_window_in_the_tissue_display_range_with_the_outline(slid
                 lo = np.quantile(pixels[c][mask], 0.01, method="inverted_cdf")
                 hi = np.quantile(pixels[c][mask], 0.995, method="inverted_cdf")
                 want = np.clip(np.rint((win[c] - lo) * 255.0 / (hi - lo)), 0, 255)
-                assert np.array_equal(_png(got[f"c{c}"]), want.astype(np.uint8)), (row["id"], c)
+                kind = ("dapi", "marker")[c]
+                assert np.array_equal(_png(got[kind]), want.astype(np.uint8)), (row["id"], c)
             rgb = _png(got["composite"])
             assert rgb.shape == (32, 32, 3)
             lab = labels[cy - half:cy + half:zoom, cx - half:cx + half:zoom] == row["id"]
@@ -192,8 +193,8 @@ def test_crops_show_the_window_in_the_tissue_display_range_with_the_outline(slid
                            & np.pad(lab, 1)[1:-1, :-2] & np.pad(lab, 1)[1:-1, 2:])
             assert edge.sum() >= 8
             assert (rgb[edge] == (255, 255, 0)).all()
-            assert np.array_equal(rgb[~edge][:, 1], _png(got["c1"])[~edge])  # marker: green
-            assert np.array_equal(rgb[~edge][:, 2], _png(got["c0"])[~edge])  # DAPI: blue
+            assert np.array_equal(rgb[~edge][:, 1], _png(got["marker"])[~edge])  # marker: green
+            assert np.array_equal(rgb[~edge][:, 2], _png(got["dapi"])[~edge])  # DAPI: blue
         checked += 1
     assert checked >= 5
 

@@ -44,6 +44,7 @@ from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import get_user
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
+from annotation_page import router as annotation_router
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse
 from sqlalchemy import and_, select
@@ -379,6 +380,8 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+# the annotation page (plugins/annotation_page.py; its routes enforce auth themselves)
+app.include_router(annotation_router)
 
 
 @app.get("/jobs", response_class=HTMLResponse, name="jobs")
@@ -569,6 +572,13 @@ class OmeflowPlugin(AirflowPlugin):
             "destination": "nav",
             "url_route": "omeflow-hpc-jobs",
             "category": "browse",
-        }
+        },
+        {
+            "name": "Annotate",
+            "href": URL_PREFIX.lstrip("/") + "/annotate",
+            "destination": "nav",
+            "url_route": "omeflow-annotate",
+            "category": "browse",
+        },
     ]
     operator_extra_links = [ClusterJobLogLink()]

@@ -36,6 +36,12 @@ RATIO_LINES: dict[str, list[str]] = {
         rf"^lower bound \(decode \+ bincount, no mask\): {NUM}s {NUM} Mpx/s",
         rf"^ratio eCDF / lower-bound throughput: {NUM}",
     ],
+    "candidate_crops.py": [
+        rf"^render on the cluster: {NUM} candidates, {NUM} PNGs in {NUM}s .*: {NUM} candidates/s",
+        rf"^fetch through the gateway: {NUM} chunks, .*: {NUM} chunks/s",
+        rf"^load into the annotation store: {NUM} chunks in {NUM}s: {NUM} chunks/s",
+        rf"^ratio cold / cached: {NUM}",
+    ],
     "omero_tile_decode.py": [
         rf"^ratio \(struct / numpy\): time {NUM}x, memory {NUM}x",
     ],

@@ -364,7 +364,10 @@
   });
 
   async function start() {
-    if (!setId) { $("mode").hidden = true; return showSets(); }
+    if (!setId) {
+      for (const id of ["mode", "order", "agreement"]) $(id).closest("label, button").hidden = true;
+      return showSets();
+    }
     $("work").hidden = false;
     await refreshSummary();
     $("order").value = state.summary.has_scores ? "uncertain" : "random";

@@ -10,6 +10,20 @@ PY=${PYTHON:-python3}
 export AIRFLOW_HOME="$REPO"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The annotation page's browser test drives Debian's chromium through its chromedriver
+# (Selenium; no browser can be downloaded in CI).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "== apt-get install chromium chromium-driver (the annotation page's browser test)"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            chromium chromium-driver >/dev/null
+    else
+        echo "note: chromium/chromium-driver are missing; the annotation page's browser test" \
+             "fails until root runs: apt-get install chromium chromium-driver"
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv with $($PY --version)"
     "$PY" -m venv .venv

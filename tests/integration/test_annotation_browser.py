@@ -4,8 +4,9 @@ Selenium (headless, 1400 x 900), against the api-server of ``test_annotation_pag
 
 Logs in through the Airflow login page (admin and the password ``scripts/ui.py`` printed),
 opens the page of a candidate set, labels ten candidates with the keyboard, undoes the last
-one, and then the annotation store holds exactly those nine labels. Screenshots (a candidate,
-the grid, the set list) go to ``var/test-artifacts/annotation/`` (path printed).
+one, and then the annotation store holds exactly those nine labels; a second annotator's
+labels then show as agreement. Screenshots (set list, a candidate, progress, the grid,
+agreement) go to ``var/test-artifacts/annotation/`` (path printed).
 """
 
 from __future__ import annotations
@@ -150,3 +151,17 @@ def test_label_ten_with_the_keyboard_undo_one(
     wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("hidden") is not None)
     assert {r["candidate_id"]: r["label"]
             for r in ui.store.labels(set_id=set_id, annotator="admin")} == pressed
+
+    # a second annotator labels the same candidates: the page shows their agreement
+    for n, cid in enumerate(pressed):
+        reply = ui.call("POST", f"/omeflow/annotate/api/candidates/{cid}/label", user="alice",
+                        headers={"X-Omeflow-Request": "1"},
+                        json={"label": "negative" if n % 3 else pressed[cid]})
+        assert reply.status_code == 200, reply.text
+    driver.refresh()  # type: ignore[attr-defined]
+    wait.until(lambda d: "admin × alice" in d.find_element(By.ID, "agreement-table").text
+               or "alice × admin" in d.find_element(By.ID, "agreement-table").text)
+    _shot(driver, "4_agreement.png")
+    text = driver.find_element(By.ID, "agreement-table").text  # type: ignore[attr-defined]
+    [row] = ui.store.agreement(set_id=set_id)
+    assert f"{row['agree']} / {row['n']} agree" in text, text

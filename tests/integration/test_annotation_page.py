@@ -3,8 +3,9 @@
 
 A candidate set with crops rendered by ``hpc_jobs/crops.py`` is loaded into
 ``$AIRFLOW_HOME/var/annotations.sqlite`` (what ``AnnotationHook`` opens when the connection
-``omeflow_annotations`` does not exist); three SimpleAuthManager users log in: ``admin``,
-``viewer`` (may read every Dag, edit none) and ``nobody`` (no role: no access to any Dag).
+``omeflow_annotations`` does not exist); four SimpleAuthManager users log in: ``admin``,
+``alice`` (role user: may edit Dags, so label), ``viewer`` (may read every Dag, edit none) and
+``nobody`` (no role: no access to any Dag).
 
 The stack is started once for this module and ``test_annotation_browser.py``
 (:func:`annotation_ui`, shared through :func:`shared_stack`) and stopped after the last of
@@ -32,7 +33,7 @@ from tests.integration.test_rest_and_plugin import START_TIMEOUT_S, Stack, _free
 
 pytestmark = pytest.mark.slow
 
-USERS = "admin:admin,viewer:viewer,nobody:"
+USERS = "admin:admin,alice:user,viewer:viewer,nobody:"
 DAG_ID = "celldetector_candidates"
 CROP_SIZE = 32
 ORIGIN_HEADER = {"X-Omeflow-Request": "1"}
@@ -109,7 +110,7 @@ def _start(airflow_env: dict[str, str], tmp: Path) -> AnnotationUi:
         pids_line = stack.output().split("components:")[1].split("\n")[0]
         stack.pids = {name: int(pid) for name, pid in re.findall(r"([a-z-]+)=(\d+)", pids_line)}
         passwords = dict(re.findall(r"user '(\w+)', password '([^']+)'", stack.output()))
-        assert set(passwords) == {"admin", "viewer", "nobody"}, stack.output()
+        assert set(passwords) == {"admin", "alice", "viewer", "nobody"}, stack.output()
         tokens = {}
         for user, password in passwords.items():
             reply = stack.http.post("/auth/token", json={"username": user, "password": password})
@@ -121,6 +122,7 @@ def _start(airflow_env: dict[str, str], tmp: Path) -> AnnotationUi:
     ui = AnnotationUi(stack, store, tokens, passwords)
     ui.sets["api"] = load_set(store, 11, 8, "manual__api")
     ui.sets["browser"] = load_set(store, 12, 30, "manual__browser")
+    ui.sets["scored"] = load_set(store, 13, 6, "manual__scored")
     return ui
 
 
@@ -330,3 +332,35 @@ def test_labels_undo_queue_and_export_land_in_the_store(annotation_ui: Annotatio
     table = pq.read_table(io.BytesIO(parquet.content)).to_pylist()
     assert {(r["nucleus_id"], r["label"]) for r in table} >= {
         (c["nucleus_id"], lab) for c, lab in ((served[0], "positive"), (served[1], "unsure"))}
+
+
+def test_queue_serves_the_most_uncertain_first_once_scored(annotation_ui: AnnotationUi) -> None:
+    ui = annotation_ui
+    set_id = ui.sets["scored"]
+    assert ui.call("GET", f"/omeflow/annotate/api/sets/{set_id}").json()["has_scores"] is False
+    ui.store.set_scores(set_id, {1: 0.1, 2: 0.9, 3: 0.5, 4: 0.7, 5: None, 6: 0.2})
+    assert ui.call("GET", f"/omeflow/annotate/api/sets/{set_id}").json()["has_scores"] is True
+    served = ui.call("POST", f"/omeflow/annotate/api/sets/{set_id}/next", headers=ORIGIN_HEADER,
+                     json={"n": 6, "order": "uncertain"}, user="alice").json()["candidates"]
+    assert [c["nucleus_id"] for c in served] == [2, 4, 3, 6, 1, 5]
+    # leased to alice: admin is served none of them meanwhile
+    other = ui.call("POST", f"/omeflow/annotate/api/sets/{set_id}/next", headers=ORIGIN_HEADER,
+                    json={"n": 6, "order": "uncertain"}).json()["candidates"]
+    assert other == []
+
+
+def test_agreement_of_two_annotators_with_kappa(annotation_ui: AnnotationUi) -> None:
+    ui = annotation_ui
+    set_id = ui.sets["scored"]
+    cands = ui.store.candidates(set_id)
+    given = {"admin": ["positive", "positive", "negative", "negative", "unsure", "negative"],
+             "alice": ["positive", "negative", "negative", "negative", "unsure", "positive"]}
+    for user, labels in given.items():
+        for cand, label in zip(cands, labels, strict=True):
+            reply = ui.call("POST", f"/omeflow/annotate/api/candidates/{cand['id']}/label",
+                            headers=ORIGIN_HEADER, json={"label": label}, user=user)
+            assert reply.status_code == 200, reply.text
+    [row] = ui.call("GET", f"/omeflow/annotate/api/sets/{set_id}").json()["agreement"]
+    assert {row["a"], row["b"]} == {"admin", "alice"} and row["n"] == 6 and row["agree"] == 4
+    # hand computation: po = 4/6; pe = (2*2 + 3*3 + 1*1) / 36 = 14/36 -> kappa = 0.4545...
+    assert abs(row["kappa"] - (4 / 6 - 14 / 36) / (1 - 14 / 36)) < 1e-9, row

@@ -5,7 +5,11 @@
 2. runs the ``celldetector_preprocess`` DAG with ``dag.test()``: check → export_zarr →
    segment_nuclei → ecdf, each step a job submitted through the gateway;
 3. prints where the outputs are and what they contain: nuclei found vs. the truth, and the
-   eCDF quantiles per tissue ROI.
+   eCDF quantiles per tissue ROI;
+4. runs ``celldetector_candidates``: candidates selected and their crops rendered on the
+   cluster side, fetched through the gateway into the annotation store (embedded SQLite);
+   prints how many of them are marker-positive in the truth, the annotation page's URL and
+   the command that starts the UI (``make ui``).
 
 Run through ``make demo`` (which sets up the venv, the Airflow DB and the Cellpose model).
 """
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: segment_nuclei's statistics window and the candidates' eCDF quantile used by the demo.
+WINDOW, QUANTILE = 21, 0.9
 
 
 def main() -> int:
@@ -57,7 +63,10 @@ def main() -> int:
         print(bag.import_errors, file=sys.stderr)
         return 1
     started = time.time()
-    run = bag.get_dag("celldetector_preprocess").test(run_conf={"image_ids": [image_id]})
+    # a 21 px statistics window (the lab used 101): there a positive's marker mean stands far
+    # above its tissue's background, so the candidates' eCDF-quantile rule can find it
+    run = bag.get_dag("celldetector_preprocess").test(
+        run_conf={"image_ids": [image_id], "window": WINDOW})
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     print(f"   run {run.state} in {time.time() - started:.0f} s: {states}", flush=True)
     if str(run.state) != "success":
@@ -76,7 +85,48 @@ def main() -> int:
             q = ch["quantiles"]
             print(f"     {roi['roi']:<10} {ch['channel_name']:<5} pixels={ch['pixels']:>9} "
                   f"q05={q['0.05']:>6.0f} q50={q['0.5']:>6.0f} q95={q['0.95']:>6.0f}")
+
+    print("== 4. celldetector_candidates (dag.test): candidates + crops -> annotation store",
+          flush=True)
+    started = time.time()
+    run = bag.get_dag("celldetector_candidates").test(
+        run_conf={"image_ids": [image_id], "quantile": QUANTILE})
+    tis = {ti.task_id: ti for ti in run.get_task_instances()}
+    print(f"   run {run.state} in {time.time() - started:.0f} s: "
+          f"{ {k: str(ti.state) for k, ti in tis.items()} }", flush=True)
+    if str(run.state) != "success":
+        return 1
+    selected = tis["image.select_candidates"].xcom_pull(
+        task_ids="image.select_candidates", map_indexes=0)
+    loaded = tis["image.load_candidates"].xcom_pull(
+        task_ids="image.load_candidates", map_indexes=0)
+    thresholds = ", ".join(f"{t['roi']} > {t['threshold']}" for t in selected["thresholds"])
+    print(f"   rule {selected['rule']} {selected['rule_params']}: thresholds {thresholds}")
+    print(f"   {selected['eligible']} nuclei above, {loaded['candidates']} candidates with "
+          f"{loaded['crops']} crops in {loaded['chunks']} chunk(s) fetched through the gateway")
+    truth = pd.read_parquet(truth_dir / "nuclei.parquet")
+    print(f"   marker-positive in the truth: {_positive_share(selected, site, truth)}")
+    url = loaded["url"]
+    if url.startswith("/"):
+        url = "http://127.0.0.1:8080" + url  # `make ui`'s default address
+    print(f"\nannotation page: {url}\nstart the UI first: make ui   (login printed there)")
     return 0
+
+
+def _positive_share(selected: dict, site, truth) -> str:
+    """How many candidates are truth marker-positives (nearest truth nucleus within 6 px)."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    outputs = site.job_root / selected["job_id"] / "outputs"
+    rows = [r for name in selected["crops"]["chunks"]
+            for r in json.loads((outputs / name).read_text())["candidates"]]
+    if not rows:
+        return "no candidates"
+    dist, idx = cKDTree(truth[["x", "y"]].to_numpy()).query(
+        np.array([[r["x"], r["y"]] for r in rows]))
+    positive = truth["positive"].to_numpy()[idx] & (dist < 6)
+    return f"{int(positive.sum())} of {len(rows)} ({positive.mean():.0%})"
 
 
 if __name__ == "__main__":

@@ -145,6 +145,19 @@ def test_nuclei_in_the_hole_or_outside_tissue_never_count(slide) -> None:
     assert summary["nuclei"] == len(table) > summary["candidates"]
 
 
+def test_a_roi_without_candidates_is_reported_with_the_fix(slide) -> None:
+    """A threshold no nucleus reaches yields an empty set, and the summary says so per ROI,
+    naming the params to change (a silent empty set would look like a negative slide)."""
+    summary, rows = _run(slide, "sel-none", rule="fixed", threshold=1e9)
+    assert rows == [] and summary["candidates"] == 0
+    assert len(summary["warnings"]) == 2, summary["warnings"]
+    for warning in summary["warnings"]:
+        assert "no nucleus of ROI 'tissue_" in warning and "threshold" in warning
+        assert "window" in warning
+    some, _ = _run(slide, "sel-some", rule="fixed", threshold=0.0)
+    assert some["warnings"] == []
+
+
 def test_cap_samples_reproducibly(slide) -> None:
     full, full_rows = _run(slide, "cap-full", rule="fixed", threshold=0.0)
     a, rows_a = _run(slide, "cap-a", rule="fixed", threshold=0.0, max_candidates=7, seed=3)

@@ -34,8 +34,11 @@ KEYS = [("1", "positive"), ("2", "negative"), ("3", "unsure"), ("p", "positive")
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is missing: it is in omeflow's dev extra (make setup)")
 
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("chromium and chromium-driver (Debian packages) are needed: run "

@@ -8,9 +8,10 @@ claim_margin`` of a core edge, masks crossing their core). Everything else is re
 from one tile file at a time when painting and when writing the table. Peak memory is
 therefore about
 
-    N x ~100 B (records and plan) + seam masks (~0.5 KB each, a band of ~2 x 56 px along
-    every core edge: ~5 % of nuclei with 2048-px tiles) + one tile's result file
-    + one output block (a tile core at level 0, one shard at the other levels; uint32)
+    N x ~150 B (records, plan, k-d tree) + seam masks (packed, ~0.35 KB each for ~20-px
+    nuclei; a band of ~2 x 56 px along every core edge plus the seam candidates: ~14 % of
+    nuclei with 2048-px tiles) + one tile's result file + one output block (a tile core at
+    level 0, one shard at the other levels; uint32) and its encoding buffers
 
 independent of the masks of the whole slide (measured by ``benchmarks/merge_memory.py``).
 
@@ -52,34 +53,70 @@ TABLE_SCHEMA_VERSION = "1"
 Region = tuple[int, int, int, int]  # y0, x0, y1, x1 (half-open), level-0 px
 
 
+class SeamMasks:
+    """Mask crops of some records, packed per tile (no Python object per mask): the record
+    indices (sorted), each crop's offset in its tile's buffer, one buffer per tile."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+        """``parts``: per tile, in record order, ``(record indices, crop sizes)`` and the
+        crops concatenated: ``(indices, sizes, flat)``."""
+        self.index = np.concatenate([p[0] for p in parts]).astype(np.int64) if parts else (
+            np.zeros(0, np.int64))
+        self.offsets = (np.concatenate([np.cumsum(p[1]) - p[1] for p in parts]).astype(np.int64)
+                        if parts else np.zeros(0, np.int64))
+        self.starts = np.cumsum([0] + [len(p[0]) for p in parts[:-1]]).astype(np.int64)
+        self.flats = [p[2] for p in parts]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, rec: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """The crop of record ``rec`` (shape of its box), or None if it is not held."""
+        k = int(np.searchsorted(self.index, rec))
+        if k == len(self.index) or self.index[k] != rec:
+            return None
+        chunk = int(np.searchsorted(self.starts, k, side="right")) - 1
+        o = int(self.offsets[k])
+        return self.flats[chunk][o:o + shape[0] * shape[1]].reshape(shape)
+
+
 @dataclass
 class Records:
     """Every nucleus record of every tile result (arrays parallel), masks of seam records."""
 
-    tile: np.ndarray  # int64 tile index
-    row: np.ndarray  # int64 row in that tile's result
-    local: np.ndarray  # int64 Cellpose label inside the tile
+    tile: np.ndarray  # int32 tile index
+    row: np.ndarray  # int32 row in that tile's result
+    local: np.ndarray  # int32 Cellpose label inside the tile
     yx: np.ndarray  # float64 (n, 2) level-0 centroid
-    area: np.ndarray  # int64
-    bbox: np.ndarray  # int64 (n, 4): y0, x0, y1, x1
+    area: np.ndarray  # int32
+    bbox: np.ndarray  # int32 (n, 4): y0, x0, y1, x1
     owned: np.ndarray  # bool
-    masks: dict[int, np.ndarray] = field(default_factory=dict)  # record index -> crop
+    masks: SeamMasks = field(default_factory=SeamMasks)
     dropped_large: int = 0
 
     def __len__(self) -> int:
         return len(self.tile)
 
+    def shape(self, rec: int) -> tuple[int, int]:
+        y0, x0, y1, x1 = (int(v) for v in self.bbox[rec])
+        return y1 - y0, x1 - x0
+
+    def mask(self, rec: int) -> np.ndarray:
+        """A held crop (every record whose mask a seam decision needs is held)."""
+        m = self.masks.get(rec, self.shape(rec))
+        if m is None:
+            raise KeyError(f"mask of record {rec} (tile {self.tile[rec]}) is not held")
+        return m
+
     @classmethod
     def from_results(cls, results: dict[int, tile_result.TileResult]) -> Records:
-        """Records of in-memory tile results, every mask kept (tests, small images)."""
+        """Records of in-memory tile results, every mask held (tests, small images)."""
         parts = [_tile_records(t, r.local, r.cy, r.cx, r.area, r.bbox, r.owned)
                  for t, r in sorted(results.items())]
         recs = _concat(parts)
-        i = 0
-        for _, r in sorted(results.items()):
-            for j in range(len(r)):
-                recs.masks[i] = r.mask(j)
-                i += 1
+        flat = [r.mask_flat for _, r in sorted(results.items())]
+        sizes = np.concatenate([np.diff(r.mask_offsets) for _, r in sorted(results.items())])
+        recs.masks = SeamMasks([(np.arange(len(recs)), sizes, np.concatenate(flat))])
         return recs
 
 
@@ -88,8 +125,8 @@ class MergePlan:
     """The kept nuclei in global id order (arrays parallel; id = position + 1)."""
 
     rec: np.ndarray  # int64 index into the Records
-    tile: np.ndarray  # int64 tile index of the segmentation the mask comes from
-    row: np.ndarray  # int64 row in that tile's result
+    tile: np.ndarray  # int32 tile index of the segmentation the mask comes from
+    row: np.ndarray  # int32 row in that tile's result
     local: np.ndarray
     cy: np.ndarray
     cx: np.ndarray
@@ -105,12 +142,12 @@ class MergePlan:
 def _tile_records(tile: int, local: np.ndarray, cy: np.ndarray, cx: np.ndarray,
                   area: np.ndarray, bbox: np.ndarray, owned: np.ndarray) -> Records:
     n = len(local)
-    return Records(tile=np.full(n, tile, np.int64), row=np.arange(n, dtype=np.int64),
-                   local=np.asarray(local, np.int64),
+    return Records(tile=np.full(n, tile, np.int32), row=np.arange(n, dtype=np.int32),
+                   local=np.asarray(local, np.int32),
                    yx=np.stack([np.asarray(cy, np.float64), np.asarray(cx, np.float64)],
                                axis=1).reshape(-1, 2),
-                   area=np.asarray(area, np.int64),
-                   bbox=np.asarray(bbox, np.int64).reshape(-1, 4),
+                   area=np.asarray(area, np.int32),
+                   bbox=np.asarray(bbox, np.int32).reshape(-1, 4),
                    owned=np.asarray(owned, bool))
 
 
@@ -153,31 +190,43 @@ def scan(job: TileJob, skip: Collection[int], search_radius: float) -> Records:
                 f"(e.g. {stale[:3]})")
         raise RuntimeError(f"cannot merge: {what}; run phase='tiles' (all array tasks) with "
                            "the same params first")
-    parts, masks, dropped, base = [], {}, 0, 0
+    sizes = {}
+    for index, path in paths.items():  # first pass: counts only (small members)
+        with np.load(path, allow_pickle=False) as z:
+            sizes[index] = len(z["local"])
+    n = sum(sizes.values())
+    recs = Records(tile=np.empty(n, np.int32), row=np.empty(n, np.int32),
+                   local=np.empty(n, np.int32), yx=np.empty((n, 2)), area=np.empty(n, np.int32),
+                   bbox=np.empty((n, 4), np.int32), owned=np.empty(n, bool))
+    seam_parts, base = [], 0
     reach = search_radius + job.claim_margin
     for index, path in paths.items():
         core = grid.tile(index).core
+        part = slice(base, base + sizes[index])
         with np.load(path, allow_pickle=False) as z:
-            part = _tile_records(index, z["local"], z["cy"], z["cx"], z["area"], z["bbox"],
-                                 z["owned"])
+            recs.tile[part] = index
+            recs.row[part] = np.arange(sizes[index])
+            recs.local[part] = z["local"]
+            recs.yx[part, 0], recs.yx[part, 1] = z["cy"], z["cx"]
+            recs.area[part] = z["area"]
+            recs.bbox[part] = np.asarray(z["bbox"]).reshape(-1, 4)
+            recs.owned[part] = z["owned"]
             info = dict(zip([str(k) for k in z["info_keys"]], z["info_values"].tolist(),
                             strict=True))
-            b = part.bbox
+            b = recs.bbox[part]
             crosses = ((b[:, 0] < core[0]) | (b[:, 1] < core[1]) | (b[:, 2] > core[2])
                        | (b[:, 3] > core[3]))
-            seam = np.flatnonzero(~part.owned | crosses
-                                  | (_seam_distance(part.yx, job.block) <= reach))
-            if len(seam):
+            seam = np.flatnonzero(~recs.owned[part] | crosses
+                                  | (_seam_distance(recs.yx[part], job.block) <= reach))
+            if len(seam):  # copied out: the tile's whole mask buffer is dropped
                 flat, offsets = z["mask_flat"], z["mask_offsets"]
-                for r in seam.tolist():
-                    y0, x0, y1, x1 = b[r]
-                    masks[base + r] = flat[offsets[r]:offsets[r + 1]].reshape(
-                        int(y1 - y0), int(x1 - x0))
-        dropped += int(info.get("dropped_large", 0))
-        parts.append(part)
-        base += len(part)
-    recs = _concat(parts)
-    recs.masks, recs.dropped_large = masks, dropped
+                seam_parts.append((seam + base, offsets[seam + 1] - offsets[seam],
+                                   np.concatenate([flat[offsets[r]:offsets[r + 1]]
+                                                   for r in seam.tolist()])))
+                del flat
+        recs.dropped_large += int(info.get("dropped_large", 0))
+        base += sizes[index]
+    recs.masks = SeamMasks(seam_parts)
     return recs
 
 
@@ -188,8 +237,8 @@ def _overlap(recs: Records, i: int, j: int) -> float:
     y0, x0, y1, x1 = max(ay0, by0), max(ax0, bx0), min(ay1, by1), min(ax1, bx1)
     if y0 >= y1 or x0 >= x1:
         return 0.0
-    ma = recs.masks[i][y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
-    mb = recs.masks[j][y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    ma = recs.mask(i)[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
+    mb = recs.mask(j)[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
     return float(np.count_nonzero(ma & mb)) / float(min(recs.area[i], recs.area[j]))
 
 
@@ -214,7 +263,9 @@ def plan(recs: Records, search_radius: float, block: int) -> MergePlan:
                 keep[j] = False
                 duplicates += 1
     adopted = 0
-    kept_idx = np.flatnonzero(keep)
+    # a candidate lies within claim_margin (< search_radius) of an internal core edge, so
+    # the kept nuclei near it lie within 2 x search_radius of one: index only those
+    kept_idx = np.flatnonzero(keep & (_seam_distance(yx, block) <= 2 * search_radius))
     tree = cKDTree(yx[kept_idx]) if len(kept_idx) else None
     extra: list[int] = []
     for c in np.flatnonzero(~owned):
@@ -244,7 +295,7 @@ class TileMasks:
         self._flat = self._offsets = np.zeros(0)
 
     def get(self, rec: int) -> np.ndarray:
-        m = self._recs.masks.get(rec)
+        m = self._recs.masks.get(rec, self._recs.shape(rec))
         if m is not None:
             return m
         tile, row = int(self._recs.tile[rec]), int(self._recs.row[rec])
@@ -305,7 +356,7 @@ def write_table(path: Path, merge_plan: MergePlan, job: TileJob, channels: int,
                 stats = z["stats"][merge_plan.row[sel]]
             cols: list[Any] = [
                 (sel + 1).astype(np.uint32), merge_plan.cx[sel], merge_plan.cy[sel],
-                merge_plan.area[sel], np.full(len(sel), tile, np.int32),
+                merge_plan.area[sel].astype(np.int64), np.full(len(sel), tile, np.int32),
                 np.full(len(sel), t.ty, np.int32), np.full(len(sel), t.tx, np.int32)]
             cols += [stats[:, c, s] for c in range(channels) for s in range(len(STAT_NAMES))]
             writer.write_table(pa.Table.from_arrays(

@@ -27,6 +27,12 @@ RATIO_LINES: dict[str, list[str]] = {
         rf"^\s+1\s+{NUM}\s+1\.00\s+1\.00\s",  # p = 1 row: the reference
         rf"^\s+2\s+{NUM}\s+{NUM}\s+{NUM}\s",  # p = 2 row: speedup and PEFF
         r"^PEFF = T1 / \(p \* Tp\)",
+        rf"^tissue only \(p={NUM}, .*: {NUM} of {NUM} tiles segmented, {NUM} skipped; .*"
+        rf"saving -?{NUM}%",
+    ],
+    "merge_memory.py": [
+        rf"^merge: {NUM} nuclei, {NUM} label levels, {NUM} seam masks held",
+        rf"^peak RSS: merge {NUM} MiB, imports only {NUM} MiB, merge - imports -?{NUM} MiB",
     ],
     "zarr_files.py": [
         rf"^files unsharded / sharded: {NUM}; write time sharded / unsharded: {NUM}; "

@@ -36,7 +36,7 @@ shard. Task 0 writes ``nuclei.parquet`` (atomically), one row group per tile.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class SeamMasks:
     """Mask crops of some records, packed per tile (no Python object per mask): the record
     indices (sorted), each crop's offset in its tile's buffer, one buffer per tile."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+    def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = ()) -> None:
         """``parts``: per tile, in record order, ``(record indices, crop sizes)`` and the
         crops concatenated: ``(indices, sizes, flat)``."""
         self.index = np.concatenate([p[0] for p in parts]).astype(np.int64) if parts else (

@@ -19,12 +19,12 @@ it with its bounds and default.
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import DAG, Param, task, task_group
+from airflow.sdk import Param, task_group
 
-from hpc_jobs.registry import CHECK_IMAGES, SELECT_CANDIDATES
+from hpc_jobs.registry import SELECT_CANDIDATES
 from operators.candidates import LoadCandidatesOperator
-from operators.params import form_args, form_checker, resources_param, step_form
+from operators.image_dag import check_images, checked_image_ids, image_dag
+from operators.params import form_args, resources_param
 from operators.step import StepOperator
 
 #: Step fields this DAG fills itself: ``image_id`` (the mapped image), ``need_tissue``
@@ -33,31 +33,16 @@ FILLED_BY_DAG = ("image_id", "need_tissue")
 #: The form params that are not step fields.
 DAG_ONLY_PARAMS: dict[str, Param] = {"hpc_resources": resources_param([SELECT_CANDIDATES])}
 
-with DAG(
-    dag_id="celldetector_candidates",
-    description="Candidate nuclei (marker above a per-ROI eCDF quantile) with crops, loaded "
+with image_dag(
+    "celldetector_candidates",
+    "Candidate nuclei (marker above a per-ROI eCDF quantile) with crops, loaded "
     "for annotation",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    render_template_as_native_obj=True,
-    max_active_runs=4,
-    tags=["omeflow", "celldetector"],
-    doc_md=__doc__,
-    params={
-        **step_form([CHECK_IMAGES, SELECT_CANDIDATES], exclude=FILLED_BY_DAG,
-                    defaults={"image_ids": [1]}),
-        **DAG_ONLY_PARAMS,
-    },
+    __doc__,
+    steps=[SELECT_CANDIDATES],
+    filled=FILLED_BY_DAG,
+    dag_only_params=DAG_ONLY_PARAMS,
 ) as dag:
-    check = StepOperator(
-        task_id="check_images",
-        step=CHECK_IMAGES,
-        **form_args(CHECK_IMAGES, exclude=FILLED_BY_DAG),
-        need_tissue=True,
-        pre_execute=form_checker([CHECK_IMAGES, SELECT_CANDIDATES], exclude=FILLED_BY_DAG),
-        poll_interval=2.0,
-    )
+    check = check_images(steps=[SELECT_CANDIDATES], filled=FILLED_BY_DAG, need_tissue=True)
 
     @task_group(group_id="image")
     def per_image(image_id: int) -> None:
@@ -71,10 +56,5 @@ with DAG(
             poll_interval=2.0,
         )
         LoadCandidatesOperator(task_id="load_candidates", summary=select.output)
-
-    @task
-    def checked_image_ids(summary: dict) -> list[int]:
-        """The image ids that passed the check (the map over images)."""
-        return [int(i) for i in summary["image_ids"]]
 
     per_image.expand(image_id=checked_image_ids(check.output))

@@ -21,13 +21,12 @@ default; ``hpc_resources`` overrides a step's cluster resources, e.g.
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import DAG, Param, task, task_group
+from airflow.sdk import Param, task_group
 
-from hpc_jobs.registry import CHECK_IMAGES, ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
+from hpc_jobs.registry import ECDF, EXPORT_ZARR, SEGMENT_NUCLEI
 from operators.celldetector import EcdfOperator, ExportZarrOperator, SegmentNucleiOperator
-from operators.params import form_args, form_checker, resources_param, step_form
-from operators.step import StepOperator
+from operators.image_dag import check_images, checked_image_ids, image_dag
+from operators.params import form_args, resources_param
 
 #: The per-image steps, in order (the ``steps`` param selects among them).
 PIPELINE = [EXPORT_ZARR, SEGMENT_NUCLEI, ECDF]
@@ -47,31 +46,17 @@ DAG_ONLY_PARAMS: dict[str, Param] = {
     "hpc_resources": resources_param(PIPELINE),
 }
 
-with DAG(
-    dag_id="celldetector_preprocess",
-    description="Export to OME-Zarr, segment nuclei (Cellpose), eCDF per tissue ROI",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    render_template_as_native_obj=True,
-    max_active_runs=4,
-    tags=["omeflow", "celldetector"],
-    doc_md=__doc__,
-    params={
-        **step_form([CHECK_IMAGES, *PIPELINE], exclude=FILLED_BY_DAG,
-                    defaults={"image_ids": [1]}),
-        **DAG_ONLY_PARAMS,
-    },
+with image_dag(
+    "celldetector_preprocess",
+    "Export to OME-Zarr, segment nuclei (Cellpose), eCDF per tissue ROI",
+    __doc__,
+    steps=PIPELINE,
+    filled=FILLED_BY_DAG,
+    dag_only_params=DAG_ONLY_PARAMS,
 ) as dag:
-    check = StepOperator(
-        task_id="check_images",
-        step=CHECK_IMAGES,
-        **form_args(CHECK_IMAGES, exclude=FILLED_BY_DAG),
+    check = check_images(
+        steps=PIPELINE, filled=FILLED_BY_DAG,
         need_tissue="{{ '%s' in params.steps }}" % ECDF,  # noqa: UP031 - Jinja braces
-        # rules across fields (halo >= 2 x diameter, chunk_size divides block_size) fail here,
-        # in seconds, not hours later when the step that needs them starts
-        pre_execute=form_checker([CHECK_IMAGES, *PIPELINE], exclude=FILLED_BY_DAG),
-        poll_interval=2.0,
     )
 
     def _step_args(step: str) -> dict[str, str]:
@@ -98,10 +83,5 @@ with DAG(
             poll_interval=2.0,
         )
         export >> segment >> ecdf
-
-    @task
-    def checked_image_ids(summary: dict) -> list[int]:
-        """The image ids that passed the check (the map over images)."""
-        return [int(i) for i in summary["image_ids"]]
 
     per_image.expand(image_id=checked_image_ids(check.output))

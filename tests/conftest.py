@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.postgres_fixture import postgres_db, postgres_url, sql_url  # noqa: F401
+from tests.postgres_fixture import (  # noqa: F401  (re-exported fixtures)
+    annotation_store,
+    postgres_db,
+    postgres_url,
+    sql_url,
+)
 from tests.sandbox_fixture import sandbox  # noqa: F401  (re-exported fixture)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,12 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from hooks.annotations import AnnotationStore
 
 URL_ENV = "OMEFLOW_TEST_PG_URL"
 REQUIRE_ENV = "OMEFLOW_REQUIRE_POSTGRES"
@@ -121,6 +125,17 @@ def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'annotations.sqlite'}"
     return str(request.getfixturevalue("postgres_db"))
+
+
+@pytest.fixture
+def annotation_store(sql_url: str) -> Iterator[AnnotationStore]:
+    """A migrated annotation store on each backend of :func:`sql_url`."""
+    from hooks.annotations import AnnotationStore
+
+    store = AnnotationStore.from_url(sql_url)
+    store.migrate()
+    yield store
+    store.engine.dispose()
 
 
 if __name__ == "__main__":

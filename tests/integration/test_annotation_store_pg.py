@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,8 @@ LABELS_EACH = 200
 
 
 @pytest.fixture
-def store(sql_url: str) -> Iterator[AnnotationStore]:
-    s = AnnotationStore.from_url(sql_url)
-    s.migrate()
-    yield s
-    s.engine.dispose()
+def store(annotation_store: AnnotationStore) -> AnnotationStore:
+    return annotation_store
 
 
 def add_set(store: AnnotationStore, n: int) -> int:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,8 @@ def nuclei(n: int, roi: str = "tissue_1") -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def store(sql_url: str) -> Iterator[AnnotationStore]:
-    s = AnnotationStore.from_url(sql_url)
-    s.migrate()
-    yield s
-    s.engine.dispose()
+def store(annotation_store: AnnotationStore) -> AnnotationStore:
+    return annotation_store
 
 
 def add_set(store: AnnotationStore, n: int = 6, run_id: str = "run1", image_id: int = 7) -> int:

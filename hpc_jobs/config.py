@@ -119,6 +119,15 @@ class ModelsConfig(_Cfg):
 
     #: A Cellpose model file or a directory of models (CELLPOSE_LOCAL_MODELS_PATH-style).
     cellpose: Path | None = None
+    #: Folder of trained cell classifiers (``<name>.pt`` + ``<name>.json``); default
+    #: ``<data_root>/models/classifier``.
+    classifier: Path | None = None
+
+    def classifier_dir(self, data_root: Path) -> Path:
+        """Where ``train_classifier`` writes and ``predict`` reads classifier files."""
+        if self.classifier:
+            return Path(self.classifier)
+        return Path(data_root) / "models" / "classifier"
 
 
 class SiteConfig(_Cfg):
@@ -220,7 +229,8 @@ class SiteConfig(_Cfg):
         store = self.store.model_copy(
             update={"path": fix(self.store.path), "ca_file": fix(self.store.ca_file)}
         )
-        models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose)})
+        models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose),
+                                                 "classifier": fix(self.models.classifier)})
         slurm = self.slurm.model_copy(update={"conf": fix(self.slurm.conf)})
         return self.model_copy(
             update={
@@ -252,6 +262,7 @@ class SiteConfig(_Cfg):
         lines += ["", "[slurm]"]
         for key, value in self.slurm.model_dump(exclude_none=True).items():
             lines.append(f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"')
-        if self.models.cellpose:
-            lines += ["", "[models]", f'cellpose = "{self.models.cellpose}"']
+        models = self.models.model_dump(exclude_none=True)
+        if models:
+            lines += ["", "[models]", *(f'{k} = "{v}"' for k, v in models.items())]
         return "\n".join(lines) + "\n"

@@ -24,6 +24,15 @@ crossing a tile edge is rendered identically on both sides. Noise comes from fix
 blocks seeded the same way. :func:`render_region` is the pure function behind it (the
 segmentation tests may reuse it).
 
+Decoys (``decoy_fraction`` > 0, ``--decoys FRACTION``): that fraction of the *negative*
+nuclei gets marker signal that is not a marker-positive cell, bright enough that the
+nucleus' marker mean in a small window lands in the positives' range (so it passes a
+marker-mean preselection): ``diffuse`` (a broad Gaussian patch, no cell body), ``offcentre``
+(a cell-body-like blob beside the nucleus, like spill-over from a neighbour) or ``speck`` (a
+tiny, very bright spot). Decoys draw from their own RNG stream, so the nuclei and every pixel
+of a slide without decoys stay exactly as they were; the truth table gains ``decoy`` (kind,
+"" for none), ``decoy_dx``, ``decoy_dy``, ``decoy_peak``, and ``positive`` stays the true class.
+
 Ground truth (``--out-truth``): ``nuclei.parquet`` (id, x, y, radius_x, radius_y, angle,
 radius, positive, tissue, peaks), ``labels.zarr`` (zarr v3 uint32 label image, chunked like
 the tiles, written tile by tile; label = nucleus id, ids are the global cell index + 1 so
@@ -57,6 +66,14 @@ MARKER_SCALE = 1.4  # marker profile: exp(-(d / MARKER_SCALE)^4)
 NOISE_BLOCK = 256
 CELLS_PER_BLOCK = 32
 SCHEMA_VERSION = 1
+#: Decoy kinds (index = the code in a block's ``decoy`` column; 0 = none).
+DECOY_KINDS = ("", "diffuse", "offcentre", "speck")
+DIFFUSE_SIGMA = 14.0  # px, isotropic Gaussian
+OFFCENTRE_RADIUS = 8.0  # px, profile exp(-(r / R)^4) like a cell body
+SPECK_RADIUS = 2.5  # px, profile exp(-(r / R)^2)
+#: How far decoy signal reaches from its own centre, and its centre from the nucleus (px).
+DECOY_REACH = {1: 3 * DIFFUSE_SIGMA, 2: 1.7 * OFFCENTRE_RADIUS, 3: 4 * SPECK_RADIUS}
+DECOY_MARGIN = 15.0 + 3 * DIFFUSE_SIGMA
 
 
 @dataclass(frozen=True)
@@ -74,8 +91,12 @@ class SynthSpec:
     positive_fraction: float = 0.3
     pixel_size_um: float = 0.5
     marker_name: str = "CD8"
+    #: Fraction of negative nuclei with decoy marker signal (0: none, the classic slide).
+    decoy_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.decoy_fraction <= 1.0:
+            raise ValueError(f"decoy_fraction={self.decoy_fraction} must be in [0, 1] (e.g. 0.3)")
         if self.width < 64 or self.height < 64:
             raise ValueError(f"image must be at least 64x64; got {self.width}x{self.height}")
         if self.channels < 2:
@@ -84,6 +105,14 @@ class SynthSpec:
             raise ValueError(
                 f"cell={self.cell} px is too small: nuclei need >= {2 * A_MAX + 2:.0f}"
             )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as written to the truth (``decoy_fraction`` only when used, so slides
+        without decoys keep their exact truth files)."""
+        out = asdict(self)
+        if not self.decoy_fraction:
+            del out["decoy_fraction"]
+        return out
 
     @property
     def channel_names(self) -> list[str]:
@@ -217,11 +246,33 @@ class Synth:
             "marker_peak": marker_peak,
             "mid_peak": mid_peak,
         }
+        if s.decoy_fraction > 0:
+            block.update(self._decoys(bi, bj, positive))
         block = {name: v[keep] for name, v in block.items()}
         self._blocks[key] = block
         if len(self._blocks) > self._cache_blocks:
             self._blocks.popitem(last=False)
         return block
+
+    def _decoys(self, bi: int, bj: int, positive: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoy draws of one block (own RNG stream ``(seed, 3, block)``)."""
+        n = positive.size
+        rng = np.random.default_rng([self.spec.seed, 3, bi, bj])
+        is_decoy = ~positive & (rng.random(n) < self.spec.decoy_fraction)
+        kind = rng.integers(1, len(DECOY_KINDS), n)
+        angle = rng.uniform(0, 2 * np.pi, n)
+        u = rng.random(n)
+        # distance of the decoy centre from the nucleus centre, and peak, per kind; peaks are
+        # set so a 21 px window mean lands in the positives' range (~1000-2200)
+        dist = np.choose(kind - 1, [2 + 4 * u, 11 + 4 * u, 3 + 5 * u])
+        peak = np.choose(kind - 1, [1100 + 1300 * u, 4500 + 4500 * u, 22000 + 22000 * u])
+        peak = peak * rng.uniform(0.9, 1.1, n)
+        return {
+            "decoy": np.where(is_decoy, kind, 0).astype(np.int8),
+            "decoy_dx": np.where(is_decoy, dist * np.cos(angle), 0.0),
+            "decoy_dy": np.where(is_decoy, dist * np.sin(angle), 0.0),
+            "decoy_peak": np.where(is_decoy, peak, 0.0),
+        }
 
     def blocks(self) -> list[tuple[int, int]]:
         """Every block of the image, row-major."""
@@ -256,6 +307,8 @@ class Synth:
         df = pd.concat(frames, ignore_index=True).sort_values("id", ignore_index=True)
         names = np.array(["", *[t.name for t in tissues]], dtype=object)
         df["tissue"] = names[df["tissue"].to_numpy()]
+        if "decoy" in df:
+            df["decoy"] = np.array(DECOY_KINDS, dtype=object)[df["decoy"].to_numpy()]
         return df
 
     # rendering ---------------------------------------------------------------
@@ -347,8 +400,14 @@ class Synth:
         last = s.channels - 1
         need_marker = last in chans
         reach = MARKER_REACH if need_marker else DAPI_REACH
-        nuc = self.nuclei_near(y0, y1, x0, x1, margin=reach * A_MAX + 1)
+        margin = reach * A_MAX + 1
+        decoys = need_marker and s.decoy_fraction > 0
+        if decoys:
+            margin = max(margin, DECOY_MARGIN + 1)
+        nuc = self.nuclei_near(y0, y1, x0, x1, margin=margin)
         for i in range(nuc["id"].size):
+            if decoys and nuc["decoy"][i]:
+                self._add_decoy(signal[last], nuc, i, y0, y1, x0, x1)
             cx, cy, a, b = nuc["x"][i], nuc["y"][i], nuc["radius_x"][i], nuc["radius_y"][i]
             pos = bool(nuc["positive"][i])
             ext = (MARKER_REACH if (need_marker and pos) else DAPI_REACH) * a
@@ -385,6 +444,31 @@ class Synth:
             np.clip(np.rint(sig), 0, 65535, out=sig)
             out[k] = sig
         return out, lab
+
+
+    @staticmethod
+    def _add_decoy(marker: np.ndarray, nuc: dict[str, Any], i: int, y0: int, y1: int, x0: int,
+                   x1: int) -> None:
+        """Add nucleus ``i``'s decoy signal to the marker plane of region ``[y0:y1, x0:x1]``."""
+        kind = int(nuc["decoy"][i])
+        cx, cy = nuc["x"][i] + nuc["decoy_dx"][i], nuc["y"][i] + nuc["decoy_dy"][i]
+        ext = DECOY_REACH[kind]
+        ya, yb = max(y0, int(cy - ext)), min(y1, int(cy + ext) + 2)
+        xa, xb = max(x0, int(cx - ext)), min(x1, int(cx + ext) + 2)
+        if ya >= yb or xa >= xb:
+            return
+        dy = (np.arange(ya, yb, dtype=np.float32) - np.float32(cy))[:, None]
+        dx = (np.arange(xa, xb, dtype=np.float32) - np.float32(cx))[None, :]
+        r2 = dx * dx + dy * dy
+        if kind == 1:
+            prof = np.exp(-r2 / np.float32(2 * DIFFUSE_SIGMA**2))
+        elif kind == 2:
+            m = r2 / np.float32(OFFCENTRE_RADIUS**2)
+            prof = np.exp(-(m * m))
+        else:
+            prof = np.exp(-r2 / np.float32(SPECK_RADIUS**2))
+        prof = np.where(r2 <= np.float32(ext * ext), prof, 0)
+        marker[ya - y0 : yb - y0, xa - x0 : xb - x0] += np.float32(nuc["decoy_peak"][i]) * prof
 
 
 _SYNTHS: OrderedDict[SynthSpec, Synth] = OrderedDict()
@@ -486,13 +570,13 @@ def generate(
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = {
         b"omeflow.schema_version": str(SCHEMA_VERSION).encode(),
-        b"omeflow.synth_spec": json.dumps(asdict(spec)).encode(),
+        b"omeflow.synth_spec": json.dumps(spec.as_dict()).encode(),
         b"omeflow.image_id": str(image_id).encode(),
     }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     nuclei_path = out_truth / "nuclei.parquet"
     pq.write_table(table, nuclei_path)
-    (out_truth / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    (out_truth / "spec.json").write_text(json.dumps(spec.as_dict(), indent=1))
     total_s = time.perf_counter() - t0
     mpx = spec.width * spec.height / 1e6
     return {
@@ -503,6 +587,7 @@ def generate(
         "channels": spec.channel_names,
         "nuclei": len(df),
         "positives": int(df["positive"].sum()),
+        **({"decoys": int((df["decoy"] != "").sum())} if "decoy" in df else {}),
         "tissues": [t.name for t in tissues],
         "holes": [h.name for h in holes],
         "truth": {
@@ -528,6 +613,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=int, default=1, help="resolution levels (pyramid)")
     parser.add_argument("--positive-fraction", type=float, default=0.3)
     parser.add_argument("--pixel-size-um", type=float, default=0.5)
+    parser.add_argument(
+        "--decoys", type=float, default=0.0, metavar="FRACTION",
+        help="fraction of negative nuclei with decoy marker signal (diffuse / off-centre / "
+        "speck) that passes a marker-mean threshold (default 0: none)",
+    )
     parser.add_argument("--name", default=None, help="image name (default: synth-WxH-seedS)")
     parser.add_argument(
         "--out-truth", type=Path, default=None, help="truth folder (default: STORE/truth/<id>)"
@@ -549,6 +639,7 @@ def main(args: argparse.Namespace) -> int:
             positive_fraction=args.positive_fraction,
             pixel_size_um=args.pixel_size_um,
             marker_name=args.marker_name,
+            decoy_fraction=args.decoys,
         )
     except ValueError as exc:
         print(json.dumps({"error": str(exc)}))

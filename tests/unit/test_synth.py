@@ -193,3 +193,59 @@ def test_generation_streams_4096x6144(tmp_path: Path, request: pytest.FixtureReq
     msg = f"peak {peak / 2**20:.1f} MiB vs full image {full / 2**20:.1f} MiB"
     assert peak < 12 * 1024 * 1024 * 4, msg
     assert peak < full / 5, msg
+
+
+def _window_means(marker: np.ndarray, table: pd.DataFrame, half: int = 10) -> np.ndarray:
+    """Marker mean in a (2 half + 1)^2 window around each nucleus (segment_nuclei's stat)."""
+    padded = np.pad(marker.astype(np.float64), half)
+    return np.array([
+        padded[int(round(y)) : int(round(y)) + 2 * half + 1,
+               int(round(x)) : int(round(x)) + 2 * half + 1].mean()
+        for x, y in zip(table.x, table.y, strict=True)
+    ])
+
+
+def test_decoys_make_marker_mean_an_imperfect_classifier(tmp_path: Path) -> None:
+    """Decoys (negatives with diffuse, off-centre or speck marker signal) pass a marker-mean
+    threshold, so the marker mean alone no longer separates the classes; without decoys it
+    does. The slide without decoys is byte-for-byte the classic one."""
+    from hpc_jobs.classifier.metrics import roc_auc
+
+    plain = SynthSpec(width=800, height=600, seed=2)
+    tricky = SynthSpec(width=800, height=600, seed=2, decoy_fraction=0.5)
+    aucs = {}
+    for name, spec in (("plain", plain), ("decoys", tricky)):
+        synth = Synth(spec)
+        px, _ = synth.render(0, spec.height, 0, spec.width, channels=[1], labels=False)
+        table = synth.nuclei_table()
+        means = _window_means(px[0], table)
+        aucs[name] = roc_auc(table.positive, means)
+        if name == "decoys":
+            kinds = table.decoy[table.decoy != ""]
+            assert set(kinds) == {"diffuse", "offcentre", "speck"}
+            assert not table.positive[table.decoy != ""].any()  # decoys are true negatives
+            cand = means > 200  # the original CellDetector's preselection
+            assert (table.decoy[cand] != "").sum() >= 10  # decoys pass it...
+            aucs["decoys among candidates"] = roc_auc(table.positive[cand], means[cand])
+    print(f"marker-mean ROC-AUC: {aucs}")
+    assert aucs["plain"] == 1.0
+    assert aucs["decoys"] < 0.85
+    assert aucs["decoys among candidates"] < 0.75  # ...and are not told apart by it
+    # same nuclei, same DAPI, same pixels where no decoy reaches
+    a, la = render_region(plain, 0, 600, 0, 800)
+    b, lb = render_region(tricky, 0, 600, 0, 800)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(la, lb)
+    assert (b[1] >= a[1]).mean() > 0.99
+
+
+def test_cli_decoys_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["synth", "--store", str(tmp_path / "s"), "--width", "400", "--height", "300",
+            "--decoys", "0.4", "--out-truth", str(tmp_path / "t")]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = pd.read_parquet(summary["truth"]["nuclei"])
+    assert summary["decoys"] == int((table.decoy != "").sum()) > 0
+    assert json.loads((tmp_path / "t" / "spec.json").read_text())["decoy_fraction"] == 0.4
+    assert cli.main([*argv[:-4], "--decoys", "1.5"]) == 2
+    assert "decoy_fraction=1.5 must be in [0, 1]" in capsys.readouterr().out

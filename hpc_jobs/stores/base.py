@@ -13,15 +13,22 @@ Conventions (the same as OMERO's):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 TISSUE_PREFIX = "tissue_"
 HOLE_PREFIX = "hole_"
+#: Namespace of per-object result tables (OMERO.web shows these tables; OMERO's own constant
+#: ``omero.constants.namespaces.NSBULKANNOTATIONS``).
+BULK_ANNOTATIONS_NS = "openmicroscopy.org/omero/bulk_annotations"
+#: Objects per delete when a replace removes a namespace's older ROIs.
+DELETE_BATCH = 500
+#: A table to write: column name -> values (ints, floats or strings; all of one length).
+TableColumns = Mapping[str, Sequence[Any]]
 
 
 class StoreError(Exception):
@@ -36,6 +43,18 @@ class StoreError(Exception):
 
 class ImageNotFound(StoreError):
     """No image with that id (or the session may not see it)."""
+
+
+def checked_table(columns: TableColumns, name: str) -> int:
+    """Rows of a table to write, after the checks every store makes; errors name the fix."""
+    if not name or "/" in name:
+        raise StoreError(f"table name {name!r} must be a plain file name, e.g. 'cells.parquet'")
+    if not columns:
+        raise StoreError(f"table {name!r} has no columns")
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise StoreError(f"table {name!r}: columns differ in length {lengths}")
+    return next(iter(lengths.values()))
 
 
 def checked_attachment(path: Path, namespace: str) -> Path:
@@ -171,7 +190,10 @@ class ImageStore(Protocol):
     def write_rois(
         self, image_id: int, rois: Sequence[NewRoi], namespace: str, replace: bool = True
     ) -> list[int]:
-        """Write ROIs under ``namespace``; ``replace`` first deletes that namespace's ROIs."""
+        """Write ROIs under ``namespace``; with ``replace`` the namespace's older ROIs are
+        deleted *after* the new ones are saved, in batches of :data:`DELETE_BATCH` (an
+        interrupted replace leaves old + new, never an image without results; re-running
+        cleans up). ROIs outside the namespace (people's) are never touched."""
 
     def get_map_annotations(
         self, image_id: int, namespace: str | None = None
@@ -193,6 +215,13 @@ class ImageStore(Protocol):
         replace: bool = True,
     ) -> int:
         """Attach a file; ``replace`` drops earlier attachments of the same name + namespace."""
+
+    def write_table(
+        self, image_id: int, columns: TableColumns, name: str, replace: bool = True
+    ) -> int:
+        """Attach a per-object table under :data:`BULK_ANNOTATIONS_NS` (OMERO.tables on
+        OMERO, a Parquet file in the local store); ``replace`` drops older tables of the same
+        ``name``. Returns the attachment's id."""
 
     def list_attachments(self, image_id: int, namespace: str | None = None) -> list[Attachment]:
         """Files attached to the image."""

@@ -49,6 +49,8 @@ import numpy as np
 
 from hpc_jobs.fsutil import atomic_write, file_lock
 from hpc_jobs.stores.base import (
+    BULK_ANNOTATIONS_NS,
+    DELETE_BATCH,
     Attachment,
     EllipseShape,
     ImageInfo,
@@ -60,7 +62,9 @@ from hpc_jobs.stores.base import (
     Roi,
     Shape,
     StoreError,
+    TableColumns,
     checked_attachment,
+    checked_table,
 )
 
 #: ``source(c, y0, y1, x0, x1) -> 2-D array`` of one channel's pixels ``[y0:y1, x0:x1]``.
@@ -505,6 +509,9 @@ class LocalStore:
     def _write_rois(
         self, image_id: int, rois: Sequence[NewRoi], namespace: str | None, replace: bool
     ) -> list[int]:
+        """New ROIs first (one atomic write), then, with ``replace``, the namespace's older
+        ones deleted in chunks (:meth:`delete_rois`): a crash in between leaves old + new,
+        never an image without results."""
         path = self._image_dir(image_id)
         new = []
         for roi in rois:
@@ -513,8 +520,7 @@ class LocalStore:
             new.append({"name": roi.name, "shapes": [shape_to_json(s) for s in roi.shapes]})
         with file_lock(path / ".lock"):
             recs = _read_json(path / "rois.json", {"rois": []})["rois"]
-            if replace:
-                recs = [r for r in recs if r.get("namespace") != namespace]
+            old = [int(r["roi_id"]) for r in recs if r.get("namespace") == namespace]
             ids = self._next_ids("roi", len(new)) if new else []
             for roi_id, rec in zip(ids, new, strict=True):
                 recs.append(
@@ -526,12 +532,27 @@ class LocalStore:
                     }
                 )
             atomic_write_json(path / "rois.json", {"rois": recs})
+        if replace and old:
+            self.delete_rois(image_id, old)
         return ids
+
+    def delete_rois(self, image_id: int, roi_ids: Sequence[int],
+                    batch: int = DELETE_BATCH) -> None:
+        """Delete ROIs by id, ``batch`` per atomic write (like the OMERO store's batches)."""
+        path = self._image_dir(image_id)
+        todo = [int(i) for i in roi_ids]
+        for i in range(0, len(todo), batch):
+            chunk = set(todo[i : i + batch])
+            with file_lock(path / ".lock"):
+                recs = _read_json(path / "rois.json", {"rois": []})["rois"]
+                recs = [r for r in recs if int(r["roi_id"]) not in chunk]
+                atomic_write_json(path / "rois.json", {"rois": recs})
 
     def write_rois(
         self, image_id: int, rois: Sequence[NewRoi], namespace: str, replace: bool = True
     ) -> list[int]:
-        """Write ROIs under ``namespace``; ``replace`` first deletes that namespace's ROIs."""
+        """Write ROIs under ``namespace``; ``replace`` then deletes the namespace's older ones
+        (new first, so an interrupted replace leaves old + new, never none)."""
         if not namespace:
             raise StoreError(
                 "write_rois needs a namespace (e.g. 'omeflow/nuclei'); for ROIs people drew "
@@ -623,6 +644,24 @@ class LocalStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return file_id
+
+    def write_table(
+        self, image_id: int, columns: TableColumns, name: str, replace: bool = True
+    ) -> int:
+        """Attach the table as a Parquet file under :data:`BULK_ANNOTATIONS_NS`."""
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        checked_table(columns, name)
+        self._image_dir(image_id)  # names the fix for an unknown image before any work
+        with tempfile.TemporaryDirectory(prefix="omeflow-table-") as tmp:
+            path = Path(tmp) / _safe_name(name)
+            pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
+            return self.attach_file(image_id, path, BULK_ANNOTATIONS_NS, name=path.name,
+                                    mimetype="application/vnd.apache.parquet",
+                                    replace=replace)
 
     def list_attachments(self, image_id: int, namespace: str | None = None) -> list[Attachment]:
         """Files attached to the image, by id."""

@@ -24,6 +24,8 @@ Mapping onto OMERO (each detail cites its upstream source in the module that doe
 - deletes (:mod:`.omero_delete`): our own Delete2 commands in batches, waited for with a
   timeout that fails, response checked;
 - map annotations: ``MapAnnotationWrapper`` with ``setNs`` linked to the image;
+- per-object tables (:mod:`.omero_tables`): OMERO.tables under the bulk-annotations
+  namespace, which OMERO.web shows;
 - attachments: ``createFileAnnfromLocalFile(path, origFilePathAndName=...)`` uploads the
   original file under the attachment's name (no temporary copy).
 
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from hpc_jobs.stores.base import (
+    BULK_ANNOTATIONS_NS,
     Attachment,
     ImageInfo,
     ImageNotFound,
@@ -51,7 +54,9 @@ from hpc_jobs.stores.base import (
     NewRoi,
     Roi,
     StoreError,
+    TableColumns,
     checked_attachment,
+    checked_table,
 )
 from hpc_jobs.stores.omero_context import ALL_GROUPS, in_group, write_ctx
 from hpc_jobs.stores.omero_delete import delete_objects, wait_for
@@ -71,6 +76,7 @@ from hpc_jobs.stores.omero_shapes import (
     shape_from_omero,
     shape_to_omero,
 )
+from hpc_jobs.stores.omero_tables import write_omero_table
 from hpc_jobs.stores.omero_tls import new_client
 from hpc_jobs.stores.omero_units import pixel_size_um
 
@@ -525,6 +531,39 @@ class OmeroStore:
                 mimetype=mimetype,
                 ns=namespace,
             )
+            img.linkAnnotation(ann)
+        self._delete("Annotation", old, image.group_id)
+        return int(ann.getId())
+
+    def write_table(
+        self, image_id: int, columns: TableColumns, name: str, replace: bool = True
+    ) -> int:
+        """An OMERO.table (:mod:`.omero_tables`) linked under :data:`BULK_ANNOTATIONS_NS`;
+        ``replace`` then deletes older tables of that name on the image."""
+        from omero.gateway import FileAnnotationWrapper
+        from omero.model import FileAnnotationI, OriginalFileI
+        from omero.rtypes import rstring
+
+        checked_table(columns, name)
+        image = self._cached(image_id)
+        img = self._image(image_id)
+        old = (
+            [
+                a.getId()
+                for a in self._annotations(image_id, BULK_ANNOTATIONS_NS, FileAnnotationWrapper)
+                if a.getFile().getName() == name
+            ]
+            if replace
+            else []
+        )
+        ctx = write_ctx(self.conn.SERVICE_OPTS, image.group_id)
+        file_id = write_omero_table(self.conn.c.sf, ctx, name, columns)
+        with in_group(self.conn, image.group_id):
+            obj = FileAnnotationI()
+            obj.setNs(rstring(BULK_ANNOTATIONS_NS))
+            obj.setFile(OriginalFileI(file_id, False))
+            ann = FileAnnotationWrapper(self.conn, obj)
+            ann.save()
             img.linkAnnotation(ann)
         self._delete("Annotation", old, image.group_id)
         return int(ann.getId())

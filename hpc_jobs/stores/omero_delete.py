@@ -23,10 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hpc_jobs.stores.base import StoreError
+from hpc_jobs.stores.base import DELETE_BATCH, StoreError
 
-#: Objects per Delete2 command (each ROI also takes its shapes with it).
-DELETE_BATCH = 500
 #: Seconds one batch may take before we give up waiting (the delete continues on the server).
 DELETE_TIMEOUT_S = 600.0
 POLL_S = 0.5

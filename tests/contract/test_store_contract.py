@@ -295,6 +295,20 @@ def test_attachments_round_trip(harness: Harness, image: int, tmp_path: Path) ->
     assert names == ["ecdf.parquet", "other.json"]
 
 
+def test_result_table_replaced_by_name(harness: Harness, image: int) -> None:
+    """A per-cell table lands under the bulk-annotations namespace; the same name replaces."""
+    from hpc_jobs.stores.base import BULK_ANNOTATIONS_NS
+
+    s = harness.store
+    cols = {"id": [1, 2], "probability": [0.25, 0.75], "class": ["neg", "pos"]}
+    s.write_table(image, cols, "m.cells")
+    second = s.write_table(image, {**cols, "probability": [0.5, 0.5]}, "m.cells")
+    (att,) = s.list_attachments(image, BULK_ANNOTATIONS_NS)
+    assert (att.file_id, att.name) == (second, "m.cells")
+    with pytest.raises(StoreError, match="differ in length"):
+        s.write_table(image, {"id": [1], "x": [1.0, 2.0]}, "bad")
+
+
 # ----------------------------------------------------------------------------- concurrency
 def _worker(kind: str, root: str | None, image_id: int, tag: str, n: int) -> None:
     store = open_store(kind, root)

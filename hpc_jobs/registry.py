@@ -24,6 +24,8 @@ EXPORT_ZARR = "export_zarr"
 SEGMENT_NUCLEI = "segment_nuclei"
 ECDF = "ecdf"
 SELECT_CANDIDATES = "select_candidates"
+PREDICT = "predict"
+WRITEBACK = "writeback"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ STEPS: dict[str, StepSpec] = {
             resources=Resources(cpus=2, mem_mb=4096, time_min=60),
             description="Candidate nuclei (marker above a per-ROI eCDF quantile or a fixed "
             "threshold) and their 8-bit crops for annotation.",
+        ),
+        StepSpec(
+            name=PREDICT,
+            module="hpc_jobs.steps.predict",
+            resources=Resources(cpus=8, mem_mb=16384, time_min=240),
+            description="A trained classifier's probability for every nucleus of an image "
+            "(optionally a job array over nucleus ranges + a merge).",
+        ),
+        StepSpec(
+            name=WRITEBACK,
+            module="hpc_jobs.steps.writeback",
+            resources=Resources(cpus=1, mem_mb=4096, time_min=60),
+            description="Predictions to the image store: ROIs per positive cell, the per-cell "
+            "table, densities per tissue ROI.",
         ),
     ]
 }

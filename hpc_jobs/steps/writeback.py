@@ -34,7 +34,7 @@ class Params(StepParams):
     """Parameters of ``writeback`` (also the Airflow trigger form)."""
 
     image_id: ImageId
-    model: ModelName
+    classifier: ModelName
     shape: Literal["point", "polygon"] = Field(
         "point", description="ROI per positive cell: a point, or the nucleus outline.")
     densities: bool = Field(True, description="Positive cells per mm² per tissue ROI (needs "
@@ -51,13 +51,13 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     image_dir = ctx.image_dir(params.image_id)
-    ns = namespace_for(params.model)
-    summary: dict[str, Any] = {"image_id": params.image_id, "model": params.model,
+    ns = namespace_for(params.classifier)
+    summary: dict[str, Any] = {"image_id": params.image_id, "model": params.classifier,
                                "namespace": ns, "shape": params.shape}
     with ctx.lock_image(params.image_id, exclusive=False, purpose="writeback"), \
             ctx.open_store() as store:
         info = store.get_image(params.image_id)
-        df = read_predictions(image_dir, params.model, params.image_id)
+        df = read_predictions(image_dir, params.classifier, params.image_id)
         pos = df["positive"].to_numpy(dtype=bool)
         rois = _positive_rois(df[pos], params, image_dir, ctx)
         if params.densities:  # fail on a missing pixel size before writing anything
@@ -71,7 +71,7 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                  "y": df["y"].to_numpy(np.float64),
                  "probability": df["probability"].to_numpy(np.float64),
                  "class": [str(c) for c in df["class"]], "roi_id": roi_col}
-        table_id = store.write_table(params.image_id, table, f"{params.model}.cells")
+        table_id = store.write_table(params.image_id, table, f"{params.classifier}.cells")
         summary.update({"cells": len(df), "positives": int(pos.sum()), "rois": len(roi_ids),
                         "table_id": table_id})
         if params.densities:
@@ -87,7 +87,7 @@ def _positive_rois(pos_df: Any, params: Params, image_dir: Any, ctx: StepContext
 
     texts = [f"{c} p={p:.3f}" for c, p in zip(pos_df["class"], pos_df["probability"],
                                                 strict=True)]
-    names = [f"{params.model} nucleus {int(i)}" for i in pos_df["id"]]
+    names = [f"{params.classifier} nucleus {int(i)}" for i in pos_df["id"]]
     if params.shape == "point":
         return [NewRoi((PointShape(float(x), float(y), t),), n)
                 for x, y, t, n in zip(pos_df["x"], pos_df["y"], texts, names, strict=True)]
@@ -114,7 +114,7 @@ def _write_densities(store: Any, info: Any, df: Any, pos: Any, params: Params, n
 
     dens = region_densities(info, store.get_rois(params.image_id), df["x"].to_numpy(),
                             df["y"].to_numpy(), pos)
-    values = {"model": params.model, "run": params.run_label}
+    values = {"model": params.classifier, "run": params.run_label}
     for d in dens:
         key = d.name or f"roi {d.roi_id}"
         values[f"{key} positives/mm2"] = f"{d.positives_per_mm2:.4g}"
@@ -123,7 +123,7 @@ def _write_densities(store: Any, info: Any, df: Any, pos: Any, params: Params, n
         values[f"{key} area mm2"] = f"{d.area_mm2:.6g}"
     store.write_map_annotation(params.image_id, ns, values)
     out_dir = ctx.outputs
-    csv_path = out_dir / f"{params.model}.densities.csv"
+    csv_path = out_dir / f"{params.classifier}.densities.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
         w.writeheader()
@@ -143,9 +143,9 @@ def _write_densities(store: Any, info: Any, df: Any, pos: Any, params: Params, n
     fig, ax = plt.subplots(figsize=(max(3, 0.8 * len(dens) + 2), 3), dpi=100)
     ax.bar([d.name or str(d.roi_id) for d in dens], [d.positives_per_mm2 for d in dens])
     ax.set_ylabel("positive cells / mm²")
-    ax.set_title(f"image {params.image_id}, {params.model}")
+    ax.set_title(f"image {params.image_id}, {params.classifier}")
     fig.tight_layout()
-    png = out_dir / f"{params.model}.densities.png"
+    png = out_dir / f"{params.classifier}.densities.png"
     fig.savefig(png)
     plt.close(fig)
     store.attach_file(params.image_id, png, ns, mimetype="image/png")

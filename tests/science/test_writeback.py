@@ -55,7 +55,7 @@ def _store(slide: dict[str, Any]) -> LocalStore:
 
 
 def _run(slide: dict[str, Any], job: str, **kw: Any) -> dict[str, Any]:
-    params = writeback.Params(image_id=slide["image_id"], model=MODEL, **kw)
+    params = writeback.Params(image_id=slide["image_id"], classifier=MODEL, **kw)
     return writeback.run(params, context(slide["root"], job))
 
 

@@ -21,7 +21,7 @@ NAMESPACE_PREFIX = "omeflow.celldetector"
 #: A registered classifier's name: the file ``<name>.pt`` in the site's classifier folder.
 ModelName = Annotated[
     str,
-    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", examples=["cd8-2026-01-01"],
           description="Classifier name (file <name>.pt in the site's classifier folder)."),
 ]
 

@@ -187,7 +187,10 @@ def resources_param(steps: Iterable[str]) -> Param:
 
 
 def _placeholder(schema: dict[str, Any]) -> Any:
-    """A valid stand-in for a required field the DAG fills later (e.g. ``image_id``)."""
+    """A valid stand-in for a required field the DAG fills later (e.g. ``image_id``): the
+    field's first example when it has one (a string with a pattern), else its minimum."""
+    if schema.get("examples"):
+        return schema["examples"][0]
     if schema.get("type") in ("integer", "number"):
         return schema.get("minimum", 0)
     return None

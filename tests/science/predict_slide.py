@@ -33,9 +33,10 @@ def context(root: Path, job: str, task: tuple[int, int] | None = None) -> StepCo
     return ctx
 
 
-def prepare_slide(root: Path) -> dict[str, Any]:
-    """Generate, export, copy the truth's nuclei + labels in, run ecdf; return the facts."""
-    ctx = context(root, "prep")
+def prepare_slide(root: Path, ctx: StepContext | None = None) -> dict[str, Any]:
+    """Generate, export, copy the truth's nuclei + labels in, run ecdf; return the facts.
+    ``ctx``: the site to use (default: a local site under ``root``)."""
+    ctx = ctx or context(root, "prep")
     with LocalStore(ctx.site.store.path) as store:
         synth = generate(SPEC, store, out_truth=root / "truth")
     image_id = int(synth["image_id"])

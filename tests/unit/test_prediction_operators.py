@@ -38,3 +38,19 @@ def test_predict_array_then_a_single_merge_job(hook) -> None:  # noqa: F811
 def test_predict_refuses_phase_as_an_argument() -> None:
     with pytest.raises(Exception, match="phase"):
         PredictOperator(task_id="predict", image_id=3, classifier="m1", phase="merge")
+
+
+def test_model_lookup_current_newest_or_by_id() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.prediction import resolve_classifier
+
+    rows = [{"id": 5, "path": "/m/cd8-b.pt"}, {"id": 2, "path": "/m/cd8-a.pt"}]  # newest first
+    assert resolve_classifier(rows, "current")["classifier"] == "cd8-b"
+    marked = resolve_classifier(rows, "current", current=rows[1])
+    assert (marked["model_id"], marked["classifier"]) == (2, "cd8-a")
+    assert resolve_classifier(rows, 2)["classifier"] == "cd8-a"
+    with pytest.raises(AirflowFailException, match=r"model 9 is not registered.*\[2, 5\]"):
+        resolve_classifier(rows, "9")
+    with pytest.raises(AirflowFailException, match="train one with celldetector_train"):
+        resolve_classifier([], "current")

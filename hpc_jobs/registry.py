@@ -24,6 +24,7 @@ EXPORT_ZARR = "export_zarr"
 SEGMENT_NUCLEI = "segment_nuclei"
 ECDF = "ecdf"
 SELECT_CANDIDATES = "select_candidates"
+TRAIN_CLASSIFIER = "train_classifier"
 PREDICT = "predict"
 WRITEBACK = "writeback"
 
@@ -91,6 +92,14 @@ STEPS: dict[str, StepSpec] = {
             resources=Resources(cpus=2, mem_mb=4096, time_min=60),
             description="Candidate nuclei (marker above a per-ROI eCDF quantile or a fixed "
             "threshold) and their 8-bit crops for annotation.",
+        ),
+        StepSpec(
+            name=TRAIN_CLASSIFIER,
+            module="hpc_jobs.steps.train_classifier",
+            resources=Resources(cpus=4, mem_mb=8192, time_min=120),
+            description="Train a ResNet-50 cell classifier from a label snapshot (split by "
+            "image), with held-out metrics next to the marker-mean baseline's.",
+            needs_store=False,
         ),
         StepSpec(
             name=PREDICT,

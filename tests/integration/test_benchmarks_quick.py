@@ -30,6 +30,12 @@ RATIO_LINES: dict[str, list[str]] = {
         rf"^tissue only \(p={NUM}, .*: {NUM} of {NUM} tiles segmented, {NUM} skipped; .*"
         rf"saving -?{NUM}%",
     ],
+    "predict_classifier.py": [
+        rf"^one job:\s+{NUM}s wall, {NUM} crops/s ",
+        rf"^2-task array: {NUM}s wall \(tasks {NUM}, {NUM} crops/s\) \+ merge {NUM}s",
+        rf"^prediction crops/s on cpu: {NUM} \(1 job, wall\), {NUM} \(2-task array",
+        rf"^PEFF = T1 / \(2 \* T2\) = {NUM} / \(2 \* {NUM}\) = {NUM}",
+    ],
     "merge_memory.py": [
         rf"^merge: {NUM} nuclei, {NUM} label levels, {NUM} seam masks held",
         rf"^peak RSS: merge {NUM} MiB, imports only {NUM} MiB, merge - imports -?{NUM} MiB",

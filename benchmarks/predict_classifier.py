@@ -87,7 +87,7 @@ def _job(root: str, image_id: int, phase: str, task: tuple[int, int] | None, thr
 
     t0 = time.perf_counter()
     params = predict.Params(image_id=image_id, classifier=MODEL, device=device,
-                            batch_size=batch, phase=phase)
+                            inference_batch=batch, phase=phase)
     job = f"{phase}-{task[0] if task else 'all'}"
     summary = predict.run(params, _context(Path(root), job, threads, task))
     out.put((time.perf_counter() - t0, summary))

@@ -3,8 +3,8 @@
 Needs the outputs of ``celldetector_preprocess`` for each image (OME-Zarr, nuclei table and
 labels, eCDF per tissue ROI) and a classifier registered by ``celldetector_train``. The run
 checks every image in seconds, looks the model up in the annotation store's registry
-(``model``: a model id, or ``current``: the one marked current, else the newest), then per
-image (mapped):
+(``registered_model``: a model id, or ``current``: the one marked current, else the newest),
+then per image (mapped):
 
 1. **predict** (on the cluster): the classifier's probability for every nucleus to
    ``predictions/<model>.parquet``; ``predict_array_tasks`` > 1 splits the nuclei over a
@@ -13,8 +13,8 @@ image (mapped):
    (point or outline) under ``omeflow.celldetector/<model>`` (re-running replaces them; the
    lab's ROIs are never touched), the per-cell table, densities per tissue ROI.
 
-Every form field except ``model``, ``predict_array_tasks`` and ``hpc_resources`` is a field
-of a step's params model, generated from it with its bounds and default.
+Every form field except ``registered_model``, ``predict_array_tasks`` and ``hpc_resources``
+is a field of a step's params model, generated from it with its bounds and default.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ STEPS = [PREDICT, WRITEBACK]
 #: phase, the run recorded with the results, and the check's tissue rule (densities need it).
 FILLED_BY_DAG = ("image_id", "classifier", "phase", "run_label", "need_tissue")
 DAG_ONLY_PARAMS: dict[str, Param] = {
-    "model": Param("current", type=["string", "integer"], pattern=r"^(current|[0-9]+)$",
+    "registered_model": Param("current", type=["string", "integer"], pattern=r"^(current|[0-9]+)$",
                    description="registered model id, or 'current' (the model marked "
                    "current in the registry, else the newest)"),
     "predict_array_tasks": Param(1, type="integer", minimum=1, maximum=256,
@@ -50,7 +50,8 @@ with image_dag(
     dag_only_params=DAG_ONLY_PARAMS,
 ) as dag:
     check = check_images(steps=STEPS, filled=FILLED_BY_DAG, need_tissue="{{ params.densities }}")
-    model = ResolveClassifierOperator(task_id="resolve_model", model="{{ params.model }}")
+    model = ResolveClassifierOperator(task_id="resolve_model",
+                                      model="{{ params.registered_model }}")
     check >> model
 
     @task_group(group_id="image")

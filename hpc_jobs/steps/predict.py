@@ -41,8 +41,8 @@ class Params(StepParams):
     image_id: ImageId
     classifier: ModelName
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where the network runs (auto: CUDA when present, else CPU).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Crops per forward pass.")
+        "auto", description="auto: CUDA when the node has a GPU, else CPU.")
+    inference_batch: int = Field(64, ge=1, le=4096, description="Crops per forward pass.")
     phase: Literal["all", "tiles", "merge"] = Field("all", description="Which part to run.")
 
 
@@ -57,18 +57,6 @@ def loaded_model(path: Path, sha256: str, device: str) -> tuple[torch.nn.Module,
     if key not in _MODELS:
         _MODELS[key] = load_classifier(path, device=device)
     return _MODELS[key]
-
-
-def pick_device(device: str) -> str:
-    """``cuda`` or ``cpu``; asking for CUDA where there is none names the fix."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but this node has no usable CUDA GPU: request a GPU "
-                           "(hpc_resources gpus=1) or use device=auto / cpu")
-    return device
 
 
 def model_file(ctx: StepContext, model: str) -> Path:
@@ -111,7 +99,7 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
             summary.update(_merge(parts_dir(image_dir, params.classifier), final, image_dir, sha))
         else:
             nuclei = _nuclei(image_dir, params.image_id)
-            start, stop = task_range(len(nuclei), params.batch_size, task, tasks)
+            start, stop = task_range(len(nuclei), params.inference_batch, task, tasks)
             df, stats = _classify(nuclei.iloc[start:stop], params, ctx, image_dir, path, sha)
             meta = {"model": params.classifier, "model_sha256": sha, "nuclei": str(len(nuclei)),
                     "threshold": str(stats.pop("threshold")),
@@ -145,6 +133,7 @@ def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir:
     import torch
 
     from hpc_jobs.classifier.data import crops_for, display_for
+    from hpc_jobs.steps.train_classifier import pick_device
 
     torch.set_num_threads(ctx.cpus)
     device = pick_device(params.device)
@@ -157,7 +146,7 @@ def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir:
     xy = nuclei[["x", "y"]].to_numpy(np.float64)
     probs = np.empty(len(xy), dtype=np.float64)
     read_s = infer_s = 0.0
-    step = params.batch_size * READ_BATCHES
+    step = params.inference_batch * READ_BATCHES
     with torch.inference_mode():
         for i in range(0, len(xy), step):
             t = time.perf_counter()
@@ -165,8 +154,8 @@ def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir:
                               display)
             read_s += time.perf_counter() - t
             t = time.perf_counter()
-            for j in range(0, len(crops), params.batch_size):
-                batch = torch.from_numpy(crops[j : j + params.batch_size]).to(device)
+            for j in range(0, len(crops), params.inference_batch):
+                batch = torch.from_numpy(crops[j : j + params.inference_batch]).to(device)
                 p = torch.softmax(model(batch).float(), dim=1)[:, -1]
                 probs[i + j : i + j + len(batch)] = p.cpu().numpy()
             infer_s += time.perf_counter() - t

@@ -45,8 +45,8 @@ def test_predict_dag_predicts_every_nucleus_and_writes_back_once(
     newest = store.add_model(str(path), {"arch": "resnet50"}, "hash", {"roc_auc": 0.5})
     assert newest > older
 
-    conf = {"image_ids": [image_id], "model": "current", "predict_array_tasks": 2,
-            "batch_size": 4, "device": "cpu"}
+    conf = {"image_ids": [image_id], "registered_model": "current", "predict_array_tasks": 2,
+            "inference_batch": 4, "device": "cpu"}
     for attempt in (1, 2):  # a second run replaces, never duplicates
         result, output = run_dag("celldetector_predict", conf)
         assert result["state"] == "success", output[-6000:]

@@ -44,7 +44,7 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _run(slide: dict[str, Any], job: str, phase: str = "all",
          task: tuple[int, int] | None = None) -> dict[str, Any]:
     params = predict.Params(image_id=slide["image_id"], classifier=MODEL, device="cpu",
-                            batch_size=4, phase=phase)
+                            inference_batch=4, phase=phase)
     return predict.run(params, context(slide["root"], job, task))
 
 

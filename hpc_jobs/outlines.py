@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import zarr
 
 #: First half-width of the window read around a nucleus; doubled up to :data:`MAX_RADIUS`.
 START_RADIUS = 32
@@ -20,7 +24,7 @@ MAX_RADIUS = 1024
 Outline = tuple[tuple[float, float], ...]
 
 
-def labels_level0(image_dir: Path):  # noqa: ANN201 (a zarr.Array)
+def labels_level0(image_dir: Path) -> zarr.Array:
     """The level-0 nuclei label array; a missing one names the fix (segment_nuclei)."""
     import zarr
 

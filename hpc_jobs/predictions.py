@@ -10,9 +10,12 @@ beside it, which the merge concatenates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ("id", "x", "y", "probability", "class", "positive")
 #: Namespace prefix of everything writeback attaches for a model (``<prefix>/<model>``).
@@ -45,7 +48,7 @@ def parts_dir(image_dir: Path, model: str) -> Path:
     return predictions_dir(image_dir) / f"{model}.parts"
 
 
-def read_predictions(image_dir: Path, model: str, image_id: int):  # noqa: ANN201
+def read_predictions(image_dir: Path, model: str, image_id: int) -> pd.DataFrame:
     """The predictions table (pandas); a missing one names the fix (run predict)."""
     import pandas as pd
 

@@ -96,7 +96,8 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     final = predictions_path(image_dir, params.classifier)
     with ctx.lock_image(params.image_id, exclusive=False, purpose="predict"):
         if params.phase == "merge":
-            summary.update(_merge(parts_dir(image_dir, params.classifier), final, image_dir, sha))
+            summary.update(_merge(parts_dir(image_dir, params.classifier), final, image_dir,
+                                  params.image_id, sha))
         else:
             nuclei = _nuclei(image_dir, params.image_id)
             start, stop = task_range(len(nuclei), params.inference_batch, task, tasks)
@@ -192,7 +193,8 @@ def _write(df: pd.DataFrame, path: Path, meta: dict[str, str]) -> None:
     atomic_write(path, buf.getvalue(), mode=0o644)
 
 
-def _merge(parts: Path, final: Path, image_dir: Path, sha: str) -> dict[str, Any]:
+def _merge(parts: Path, final: Path, image_dir: Path, image_id: int, sha: str
+           ) -> dict[str, Any]:
     """Concatenate the array's parts (all of one task count, same model) into ``final``."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -213,7 +215,7 @@ def _merge(parts: Path, final: Path, image_dir: Path, sha: str) -> dict[str, Any
         raise RuntimeError(f"{parts}: parts come from another version of the model; rerun "
                            "the predict array (phase='tiles')")
     df = pd.concat([pd.read_parquet(by_task[t]) for t in range(n)], ignore_index=True)
-    nuclei = _nuclei(image_dir, 0)
+    nuclei = _nuclei(image_dir, image_id)
     if len(df) != len(nuclei) or not (df["id"].to_numpy() == nuclei["id"].to_numpy()).all():
         raise RuntimeError(f"{parts}: the parts cover {len(df)} nuclei, the table has "
                            f"{len(nuclei)}; rerun the predict array (phase='tiles')")

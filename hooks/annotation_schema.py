@@ -109,4 +109,9 @@ models = sa.Table(
     sa.Column("data_hash", sa.String(64), nullable=False),
     sa.Column("metrics", Json, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # revision 0002: the registry proper
+    sa.Column("name", sa.String(128), nullable=True),
+    sa.Column("labels_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("git_commit", sa.String(40), nullable=True),
+    sa.Column("current", sa.Boolean, nullable=False, server_default=sa.false()),
 )

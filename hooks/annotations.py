@@ -80,8 +80,10 @@ Labelling:
 - ``export_labels(set_id, fmt="csv"|"parquet", history=False) -> bytes``: current labels (or
   every revision) with the candidate's image_id, nucleus_id, x, y, roi.
 
-Models (filled by the classifier issue): ``add_model(path, params, data_hash, metrics) ->
-id``, ``models()`` -> newest first.
+Models (the registry): ``add_model(path, params, data_hash, metrics, name=, labels_at=,
+git_commit=) -> id`` (not current), ``models()`` -> newest first, ``model(id)``,
+``current_model()`` -> the one marked current or None, ``promote_model(id)`` -> marks it the
+only current one.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ import random
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -687,16 +689,20 @@ class AnnotationStore:
     # -- models -------------------------------------------------------------------------
 
     def add_model(self, path: str, params: Mapping[str, Any], data_hash: str,
-                  metrics: Mapping[str, Any]) -> int:
-        """Register a trained model; returns its id."""
+                  metrics: Mapping[str, Any], *, name: str | None = None,
+                  labels_at: datetime | None = None, git_commit: str | None = None) -> int:
+        """Register a trained model (not current; see :meth:`promote_model`); returns its id."""
         if not isinstance(path, str) or not path:
             raise AnnotationInputError(f"model path must be a non-empty string, got {path!r}")
+        if git_commit is not None and len(str(git_commit)) > 40:
+            raise AnnotationInputError(f"git_commit {git_commit!r} is longer than a sha1")
         with self._begin() as conn:
             return int(conn.execute(
                 models.insert().values(
                     path=path, params=json_clean(dict(params), "params"),
                     data_hash=str(data_hash), metrics=json_clean(dict(metrics), "metrics"),
-                    created_at=utcnow(),
+                    created_at=utcnow(), name=name, labels_at=labels_at,
+                    git_commit=git_commit, current=False,
                 ).returning(models.c.id)
             ).scalar_one())
 
@@ -704,7 +710,35 @@ class AnnotationStore:
         """Registered models, newest first."""
         with self._begin() as conn:
             rows = conn.execute(sa.select(models).order_by(models.c.id.desc())).mappings()
-            return [dict(r, created_at=aware(r["created_at"])) for r in rows]
+            return [_model_dict(r) for r in rows]
+
+    def model(self, model_id: int) -> dict[str, Any]:
+        """One registered model; an unknown id raises :class:`NotFound`."""
+        with self._begin() as conn:
+            row = conn.execute(sa.select(models).where(
+                models.c.id == check_int("model_id", model_id))).mappings().first()
+        if row is None:
+            raise NotFound(f"model {model_id} is not registered")
+        return _model_dict(row)
+
+    def current_model(self) -> dict[str, Any] | None:
+        """The model marked current (the one nightly prediction uses), or None."""
+        with self._begin() as conn:
+            row = conn.execute(sa.select(models).where(models.c.current.is_(True))
+                               .order_by(models.c.id.desc()).limit(1)).mappings().first()
+        return None if row is None else _model_dict(row)
+
+    def promote_model(self, model_id: int) -> dict[str, Any]:
+        """Mark ``model_id`` current and no other (one transaction); returns its row."""
+        model_id = check_int("model_id", model_id)
+        with self._begin() as conn:
+            if conn.execute(sa.select(models.c.id).where(models.c.id == model_id)
+                            .with_for_update()).first() is None:
+                raise NotFound(f"model {model_id} is not registered")
+            conn.execute(models.update().where(models.c.current.is_(True),
+                                               models.c.id != model_id).values(current=False))
+            conn.execute(models.update().where(models.c.id == model_id).values(current=True))
+        return self.model(model_id)
 
 
 _CANDIDATE_COLUMNS = (
@@ -721,6 +755,12 @@ def _current_ids() -> sa.Select:
         .where(labels.c.undone_at.is_(None))
         .group_by(labels.c.candidate_id, labels.c.annotator)
     )
+
+
+def _model_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row, created_at=aware(row["created_at"]), current=bool(row["current"]))
+    out["labels_at"] = aware(out.get("labels_at"))
+    return out
 
 
 def _label_dict(row: Mapping[str, Any] | None) -> dict[str, Any] | None:

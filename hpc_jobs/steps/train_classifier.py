@@ -21,9 +21,10 @@ the training cells with equal weight per class (class balancing); AdamW; stops a
 ``random_seed`` and the same thread count a CPU run is reproducible. ``device``: ``auto``
 (CUDA when present), ``cpu`` or ``cuda``; torch threads = the job's CPUs.
 
-Metrics on the held-out cells: ROC-AUC, PR-AUC, F1 and confusion matrix at ``threshold``,
-and the same for the marker-mean baseline (``c<marker>_mean`` of the nuclei table, its
-threshold the best-F1 one on the training cells) and, with ``compare_with``, for that model.
+Metrics on the held-out cells: ROC-AUC, PR-AUC, F1 and confusion matrix at
+``decision_threshold``, and the same for the marker-mean baseline (``c<marker>_mean`` of the
+nuclei table, its threshold the best-F1 one on the training cells) and, with
+``compare_with``, for that model.
 
 Output: ``<site models.classifier folder>/<name>.pt`` + ``<name>.json``
 (:func:`hpc_jobs.classifier.model.save_classifier`); the summary holds the path, params,
@@ -77,7 +78,7 @@ class Params(StepParams):
     batch_size: int = Field(32, ge=2, le=1024, description="Crops per training batch.")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay.")
-    threshold: float = Field(
+    decision_threshold: float = Field(
         0.5, gt=0, lt=1, description="Probability above which a cell counts as positive.")
     holdout_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share of images (one image: of spatial blocks) held "
@@ -393,7 +394,8 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     marker = cells.marker_mean.to_numpy(dtype=np.float64)
     base_thr = metrics.best_f1_threshold(y[tr], marker[tr])
     results = {
-        "model": metrics.summary(y[ho], predict_proba(net, crops[ho], device), params.threshold),
+        "model": metrics.summary(y[ho], predict_proba(net, crops[ho], device),
+                                 params.decision_threshold),
         "baseline_marker_mean": metrics.summary(y[ho], marker[ho], base_thr),
     }
     if compare_path is not None:
@@ -417,7 +419,7 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     commit = git_commit()
     meta = {
         "arch": cm.ARCH, "channels": channels, "crop_size": params.input_size, "display": rule,
-        "class_names": CLASS_NAMES, "threshold": params.threshold,
+        "class_names": CLASS_NAMES, "threshold": params.decision_threshold,
         "marker_channel": channels[1], "dapi_channel": channels[0],
         "snapshot_hash": params.snapshot_hash, "labels": len(params.labels),
         "split": split_info, "metrics": results, "git_commit": commit, "job": ctx.job_key,

@@ -1,0 +1,89 @@
+"""``celldetector_train`` end to end on the embedded default, with ``dag.test()``.
+
+Two small synthetic slides with decoys are prepared on the embedded site's data folder (the
+real export and eCDF steps; the nuclei table from the synthetic truth instead of Cellpose, see
+``hpc_jobs/classifier/synthetic.py``); their preselected nuclei are stored as candidate sets
+and labelled from the truth in the embedded annotation store (a stand-in for people). The DAG
+then builds the snapshot, trains through the gateway (local transport, local scheduler) and
+registers the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _labelled_sets(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+                   ) -> tuple[list[int], Any, Any]:
+    from hooks.annotations import AnnotationStore, sqlite_engine
+    from hooks.hpc import embedded_site_config
+    from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
+    from hpc_jobs.config import SiteConfig
+    from hpc_jobs.protocol import Resources, Secrets
+    from hpc_jobs.steps.base import StepContext
+    from hpc_jobs.synth import SynthSpec
+
+    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
+    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
+    site = SiteConfig.load(embedded_site_config())
+    ctx = StepContext(job_dir=site.job_root / "pytest-train-prep", site=site,
+                      resources=Resources(cpus=2), secrets=Secrets())
+    store = AnnotationStore(sqlite_engine(Path(airflow_env["AIRFLOW_HOME"]) / "var"
+                                          / "annotations.sqlite"), check_schema=False)
+    store.migrate()
+    set_ids = []
+    for seed in (21, 22):
+        spec = SynthSpec(width=640, height=512, seed=seed, decoy_fraction=0.5)
+        image_id, table = prepare_slide(ctx, spec, site.data_root / "truth" / f"train-{seed}")
+        labels = truth_labels(image_id, table)
+        by_id = table.set_index("id")
+        set_id = store.add_candidate_set(
+            image_id, "pytest-train", "fixed", {"threshold": 200}, {},
+            [{"nucleus_id": n, "x": float(by_id.x[n]), "y": float(by_id.y[n]), "area": 1.0}
+             for _, n, _ in labels])
+        cands = {c["nucleus_id"]: c["id"] for c in store.candidates(set_id)}
+        for _, n, v in labels:
+            store.label(cands[n], "truth-bot", "positive" if v else "negative")
+        store.label(cands[labels[0][1]], "second-bot", "unsure")  # left out of the snapshot
+        set_ids.append(set_id)
+    return set_ids, store, site
+
+
+def test_train_dag_snapshots_trains_registers_and_refuses_too_few_labels(
+    run_dag, airflow_env, monkeypatch
+) -> None:
+    set_ids, store, site = _labelled_sets(airflow_env, monkeypatch)
+    conf = {"set_ids": set_ids, "epochs": 2, "patience": 1, "input_size": 32}
+    result, output = run_dag("celldetector_train", conf)
+    assert result["state"] == "success", output[-6000:]
+    (model,) = store.models()
+    assert model["current"] and store.current_model()["id"] == model["id"]  # none was current
+    path = Path(model["path"])
+    assert path.is_file() and path.parent == site.models.classifier_dir(site.data_root)
+    from hpc_jobs.classifier.model import load_classifier
+    from hpc_jobs.classifier.snapshot import snapshot_hash
+
+    _, meta = load_classifier(path)
+    expected = sorted([lab["image_id"], lab["nucleus_id"], int(lab["label"] == "positive")]
+                      for sid in set_ids for lab in store.labels(set_id=sid)
+                      if lab["annotator"] == "truth-bot")
+    assert model["data_hash"] == meta["snapshot_hash"] == snapshot_hash(expected)
+    assert model["labels_at"] is not None and model["params"]["set_ids"] == set_ids
+    assert model["metrics"]["model"]["n"] > 0 and "baseline_marker_mean" in model["metrics"]
+    assert model["params"]["split"]["kind"] == "by image"
+    print(f"\nDAG model: held-out ROC-AUC {model['metrics']['model']['roc_auc']} vs marker "
+          f"mean {model['metrics']['baseline_marker_mean']['roc_auc']} (2 epochs)")
+
+    # too few labels: refused before any job, naming how many are missing
+    result, output = run_dag("celldetector_train", {**conf, "set_ids": [set_ids[0]]},
+                             env={"AIRFLOW__OMEFLOW__MIN_LABELS_PER_CLASS": "500"})
+    assert result["state"] == "failed"
+    assert "need 500 per class ([omeflow] min_labels_per_class)" in output
+    pos = sum(1 for lab in store.labels(set_id=set_ids[0]) if lab["label"] == "positive")
+    assert f"{500 - pos} more positive" in output
+    assert len(store.models()) == 1

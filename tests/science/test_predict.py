@@ -88,3 +88,15 @@ def test_unknown_model_lists_the_registered_ones(slide: dict[str, Any]) -> None:
     params = predict.Params(image_id=slide["image_id"], classifier="nope", device="cpu")
     with pytest.raises(FileNotFoundError, match=rf"no classifier 'nope'.*{MODEL}"):
         predict.run(params, context(slide["root"], "nope"))
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "$(touch /tmp/c)", "", ".hidden", "x\n"])
+def test_classifier_name_cannot_leave_the_model_folder(bad: str) -> None:
+    from pydantic import ValidationError
+
+    from hpc_jobs.steps import writeback
+
+    with pytest.raises(ValidationError, match="classifier"):
+        predict.Params(image_id=1, classifier=bad)
+    with pytest.raises(ValidationError, match="classifier"):
+        writeback.Params(image_id=1, classifier=bad)

@@ -48,7 +48,9 @@ from hpc_jobs.steps.fields import DapiChannel, ImageId, MarkerChannel
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                                  description="A model name in the site's classifier folder.")]
 NucleusId = Annotated[int, Field(ge=1, le=2**32 - 1)]
-Label = Literal[0, 1]
+#: 1 positive, 0 negative. An int range, not ``Literal[0, 1]``: a Literal accepts JSON
+#: ``true`` as 1 even in strict mode (True == 1), an int field in strict mode refuses it.
+Label = Annotated[int, Field(ge=0, le=1)]
 CLASS_NAMES = ["negative", "positive"]
 
 

@@ -157,6 +157,50 @@ HOSTILE_SUBMITS: list[tuple[str, bytes]] = [
     ),
 ]
 
+
+def _train(labels: list, **params) -> bytes:
+    """A train_classifier submit; ``snapshot_hash`` defaults to the labels' true hash when it
+    can be computed (so each case tests exactly one thing)."""
+    from hpc_jobs.classifier.snapshot import snapshot_hash
+
+    try:
+        digest = snapshot_hash(labels)
+    except (TypeError, ValueError):
+        digest = "0" * 64
+    return sub(step="train_classifier",
+               params={"labels": labels, "snapshot_hash": digest, **params})
+
+
+GOOD_LABELS = [[3, 10, 1], [3, 11, 0], [4, 12, 1], [4, 13, 0]]
+# The label snapshot travels in the submit body: bounded, typed, hashed, and no field that
+# names a file can leave the site's model folder. (Positions are never sent: the job reads
+# them from the image's nuclei table; an unknown image or nucleus fails the job with its
+# name, see tests/science/test_train_classifier.py.)
+HOSTILE_SUBMITS += [
+    ("train-too-many", _train([[1, i, i % 2] for i in range(1, 8002)])),
+    ("train-body-oversized", _train([[2**31, 2**31 + i, i % 2] for i in range(12000)])),
+    ("train-label-str", _train([*GOOD_LABELS, [5, 1, "1"]])),
+    ("train-label-bool", _train([*GOOD_LABELS, [5, 1, True]])),
+    ("train-label-unsure", _train([*GOOD_LABELS, [5, 1, 2]])),
+    ("train-id-float", _train([*GOOD_LABELS, [5.5, 1, 1]])),
+    ("train-id-negative", _train([*GOOD_LABELS, [-5, 1, 1]])),
+    ("train-id-str", _train([*GOOD_LABELS, ["5; rm -rf /", 1, 1]])),
+    ("train-entry-long", _train([*GOOD_LABELS, [5, 1, 1, 9]])),
+    ("train-entry-dict", _train([*GOOD_LABELS, {"image": 5, "x": 10, "y": 20}])),
+    ("train-with-positions", _train(GOOD_LABELS, positions=[[0, 0]])),
+    ("train-duplicate", _train([*GOOD_LABELS, [3, 10, 0]])),
+    ("train-one-class", _train([[3, 10, 1], [3, 11, 1]])),
+    ("train-bad-hash", sub(step="train_classifier", params={
+        "labels": GOOD_LABELS, "snapshot_hash": "f" * 64})),
+    ("train-hash-path", sub(step="train_classifier", params={
+        "labels": GOOD_LABELS, "snapshot_hash": "../../etc/passwd"})),
+    ("train-name-traversal", _train(GOOD_LABELS, name="../../../etc/cron.d/x")),
+    ("train-name-absolute", _train(GOOD_LABELS, name="/etc/passwd")),
+    ("train-compare-path", _train(GOOD_LABELS, compare_with="../other-site/model")),
+    ("train-pretrained-path", _train(GOOD_LABELS, pretrained="/home/user/evil.pt")),
+    ("train-device-subst", _train(GOOD_LABELS, device=f"cuda; touch {C}")),
+]
+
 HOSTILE_OTHER: list[tuple[str, str, bytes]] = [
     ("status-traversal", "status", b'{"job_ids": ["../../etc"]}'),
     ("status-empty", "status", b'{"job_ids": []}'),
@@ -223,6 +267,18 @@ def test_hostile_submits_are_refused(site: Path, ok_job: Path, name: str, body: 
     }
     after = sorted(p.name for p in (site.parent / "jobs").iterdir())
     assert after == before, f"{name}: a refused submit created {set(after) - set(before)}"
+
+
+TRAIN_CASES = [(n, b) for n, b in HOSTILE_SUBMITS if n.startswith("train-")]
+
+
+@pytest.mark.parametrize(("name", "body"), TRAIN_CASES, ids=[n for n, _ in TRAIN_CASES])
+def test_hostile_label_snapshots_are_refused_by_the_step_model(
+        site: Path, name: str, body: bytes) -> None:
+    """Refused for what is wrong with the snapshot, not because the step is unknown."""
+    reply = _assert_refused(_call(site, "submit", body), name)
+    want = "BODY_TOO_LARGE" if name == "train-body-oversized" else "BAD_PARAMS"
+    assert reply["error"]["code"] == want, reply
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,7 @@ namespace ``omeflow.celldetector/<model>`` (:func:`hpc_jobs.predictions.namespac
   as ``<model>.cells`` under the bulk-annotations namespace (OMERO.tables on OMERO, Parquet in
   the local store);
 - with ``densities``: positives per mm² in each tissue ROI (holes subtracted,
-  :mod:`hpc_jobs.density`) as a map annotation, a CSV and, when matplotlib is installed, a
-  PNG bar plot.
+  :mod:`hpc_jobs.density`) as a map annotation, a CSV and a PNG bar plot.
 
 The image itself is never written or copied.
 """
@@ -131,13 +130,9 @@ def _write_densities(store: Any, info: Any, df: Any, pos: Any, params: Params, n
             w.writerow(d.row())
     store.attach_file(params.image_id, csv_path, ns, mimetype="text/csv")
     result: dict[str, Any] = {"densities": [d.row() for d in dens]}
-    try:
-        import matplotlib
-    except ImportError:
-        result["plot"] = "skipped: matplotlib is not installed (pip install matplotlib)"
-        ctx.log(f"writeback: {result['plot']}")
-        return result
-    matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on compute nodes
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(3, 0.8 * len(dens) + 2), 3), dpi=100)

@@ -153,6 +153,11 @@ def test_densities_equal_a_hand_computation(slide: dict[str, Any]) -> None:
         assert float(ann.values[f"{name} positives/mm2"]) == pytest.approx(d, rel=1e-3)
     rows = {r["name"]: r for r in csv.DictReader(io.StringIO(text.decode()))}
     assert {n: int(r["positives"]) for n, r in rows.items()} == {n: w[0] for n, w in want.items()}
+    # the plot people see in OMERO.web: a PNG attached beside the CSV, one bar per tissue ROI
+    assert summary["plot"] == f"{MODEL}.densities.png"
+    with _store(slide) as store:
+        png = store.read_attachment(slide["image_id"], files[summary["plot"]].file_id)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
 def test_no_pixel_size_names_the_fix(tmp_path: Path) -> None:

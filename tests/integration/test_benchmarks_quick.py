@@ -62,6 +62,11 @@ RATIO_LINES: dict[str, list[str]] = {
         rf"^postgresql\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$",
         rf"^ratio postgresql / sqlite labels/s: {NUM} \(1 annotator\), {NUM} \(2 in parallel\)",
     ],
+    "train_classifier.py": [
+        r"^epoch\s+crops\s+seconds\s+crops/s$",
+        rf"^train crops/s per epoch \(median\): {NUM} on (cpu|cuda)",
+        rf"^held-out ROC-AUC classifier {NUM} vs marker mean {NUM}",
+    ],
     "orchestration_overhead.py": [
         rf"^run  1: success\s+task\s+{NUM} s\s+job\s+{NUM} s\s+overhead\s+-?{NUM} s",
         rf"^local: runs=1 median overhead -?{NUM} s .* overhead / task = -?{NUM}",

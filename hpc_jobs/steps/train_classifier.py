@@ -300,8 +300,6 @@ def fit(model: Any, x: Any, y: Any, x_es: Any, y_es: Any, params: Params, device
     opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate,
                             weight_decay=params.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
-    x_es_t = torch.from_numpy(x_es).to(device)
-    y_es_t = torch.from_numpy(y_es.astype(np.int64)).to(device)
     best, best_state, best_epoch, history = float("inf"), None, 0, []
     for epoch in range(1, params.epochs + 1):
         t0 = time.perf_counter()
@@ -320,8 +318,13 @@ def fit(model: Any, x: Any, y: Any, x_es: Any, y_es: Any, params: Params, device
             opt.step()
             train_loss += float(loss.detach()) * idx.size
         recalibrate_bn(model, x, device)
+        es_loss = 0.0
         with torch.no_grad():
-            es_loss = float(loss_fn(model(x_es_t), y_es_t))
+            for i in range(0, len(y_es), 256):
+                xb = torch.from_numpy(np.ascontiguousarray(x_es[i : i + 256])).to(device)
+                yb = torch.from_numpy(y_es[i : i + 256].astype(np.int64)).to(device)
+                es_loss += float(loss_fn(model(xb), yb)) * len(yb)
+        es_loss /= len(y_es)
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": round(train_loss / len(order), 5),
                         "early_stop_loss": round(es_loss, 5), "seconds": round(seconds, 3),

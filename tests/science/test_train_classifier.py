@@ -41,7 +41,8 @@ def _params(labels: list[list[int]], **kw: Any) -> tc.Params:
 def _run(slides: dict[str, Any], job: str, **kw: Any) -> dict[str, Any]:
     ctx = make_context(slides["root"], cpus=2)
     ctx.job_dir = slides["root"] / "jobs" / job
-    return tc.run(_params(slides["labels"], epochs=12, patience=4, random_seed=3, **kw), ctx)
+    return tc.run(_params(slides["labels"], **{"epochs": 8, "patience": 3, "random_seed": 3,
+                                                **kw}), ctx)
 
 
 def test_classifier_beats_marker_mean_on_held_out_images(slides: dict[str, Any]) -> None:

@@ -79,6 +79,19 @@ def test_train_dag_snapshots_trains_registers_and_refuses_too_few_labels(
     print(f"\nDAG model: held-out ROC-AUC {model['metrics']['model']['roc_auc']} vs marker "
           f"mean {model['metrics']['baseline_marker_mean']['roc_auc']} (2 epochs)")
 
+    # a second model is compared with the current one on the same held-out cells, and
+    # becomes current only if it beats it
+    result, output = run_dag("celldetector_train", {**conf, "name": "second"})
+    assert result["state"] == "success", output[-6000:]
+    second, first = store.models()
+    other = second["metrics"]["compare_with"]
+    assert other["name"] == first["name"] and other["path"] == first["path"]
+    assert other["n"] == second["metrics"]["model"]["n"] == first["metrics"]["model"]["n"]
+    assert other["roc_auc"] == first["metrics"]["model"]["roc_auc"]  # same cells, same model
+    wins = (second["metrics"]["model"]["roc_auc"], second["metrics"]["model"]["pr_auc"]) > (
+        other["roc_auc"], other["pr_auc"])
+    assert store.current_model()["id"] == (second["id"] if wins else first["id"])
+
     # too few labels: refused before any job, naming how many are missing
     result, output = run_dag("celldetector_train", {**conf, "set_ids": [set_ids[0]]},
                              env={"AIRFLOW__OMEFLOW__MIN_LABELS_PER_CLASS": "500"})
@@ -86,4 +99,4 @@ def test_train_dag_snapshots_trains_registers_and_refuses_too_few_labels(
     assert "need 500 per class ([omeflow] min_labels_per_class)" in output
     pos = sum(1 for lab in store.labels(set_id=set_ids[0]) if lab["label"] == "positive")
     assert f"{500 - pos} more positive" in output
-    assert len(store.models()) == 1
+    assert len(store.models()) == 2

@@ -10,9 +10,7 @@ beside it, which the merge concatenates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
-
-from pydantic import Field
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,12 +19,6 @@ COLUMNS = ("id", "x", "y", "probability", "class", "positive")
 #: Namespace prefix of everything writeback attaches for a model (``<prefix>/<model>``).
 NAMESPACE_PREFIX = "omeflow.celldetector"
 
-#: A registered classifier's name: the file ``<name>.pt`` in the site's classifier folder.
-ModelName = Annotated[
-    str,
-    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", examples=["cd8-2026-01-01"],
-          description="Classifier name (file <name>.pt in the site's classifier folder)."),
-]
 
 
 def namespace_for(model: str) -> str:

@@ -45,3 +45,11 @@ Workers = Annotated[
     Annotated[int, Field(ge=1, le=256)] | None,
     Field(description="Parallel block readers/writers in the job (default: the job's CPUs)."),
 ]
+
+#: A classifier's name: the file ``<name>.pt`` in the site's classifier folder (written by
+#: ``train_classifier``, read by ``predict`` and named in ``writeback``'s namespace).
+ModelName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["cd8-2026-01-01"],
+          description="Classifier name (file <name>.pt in the site's classifier folder)."),
+]

@@ -13,19 +13,25 @@ Phases, like ``segment_nuclei`` (same names): ``all`` (one job), or for large sl
 Slurm array with ``phase="tiles"`` (task t of n classifies the t-th of n contiguous nucleus
 ranges, cut at batch boundaries so every crop sees the same batch as in one job, and writes
 its part), then one job with ``phase="merge"`` (checks every part is there, concatenates).
+
+Active learning: with ``score_nuclei`` (the unlabelled candidates' nucleus ids, at most
+:data:`MAX_SCORE_NUCLEI`), only those nuclei are classified, the image's predictions file is
+left alone, and their probabilities go to ``outputs/scores.<nnnn>.json`` chunks
+(``{"image_id", "model", "probabilities": {nucleus_id: p}}``, each below the gateway's
+``result`` cap) listed in the summary's ``scores.chunks``; the Airflow side fetches them and
+turns them into the annotation queue's uncertainty (``operators/scoring.py``).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from hpc_jobs.predictions import ModelName
 from hpc_jobs.steps.base import StepContext, StepParams
-from hpc_jobs.steps.fields import ImageId
+from hpc_jobs.steps.fields import ImageId, ModelName
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,6 +39,10 @@ if TYPE_CHECKING:
 
 #: Crops cut from the Zarr per read (each read visits each block once); a multiple of batches.
 READ_BATCHES = 8
+#: Most nucleus ids one scoring job takes (~7 bytes each in the request body: < 256 KiB).
+MAX_SCORE_NUCLEI = 20000
+#: Probabilities per ``scores.<nnnn>.json`` chunk (~30 bytes each: far below 1 MiB).
+SCORES_PER_CHUNK = 10000
 
 
 class Params(StepParams):
@@ -44,6 +54,10 @@ class Params(StepParams):
         "auto", description="auto: CUDA when the node has a GPU, else CPU.")
     inference_batch: int = Field(64, ge=1, le=4096, description="Crops per forward pass.")
     phase: Literal["all", "tiles", "merge"] = Field("all", description="Which part to run.")
+    score_nuclei: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, max_length=MAX_SCORE_NUCLEI,
+        description="Active learning (filled by celldetector_train): classify only these "
+        "nuclei and return their probabilities; the predictions file is left alone.")
 
 
 _MODELS: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
@@ -87,6 +101,8 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
     if params.phase != "tiles" and tasks > 1:
         raise ValueError(f"phase={params.phase!r} cannot run as a job array; submit the array "
                          "with phase='tiles', then phase='merge'")
+    if params.score_nuclei is not None and (params.phase != "all" or tasks > 1):
+        raise ValueError("score_nuclei runs as one job with phase='all' (no array, no merge)")
     image_dir = ctx.image_dir(params.image_id)
     path = model_file(ctx, params.classifier)
     sha = file_sha256(path)
@@ -95,7 +111,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                                "array_task": task, "array_tasks": tasks}
     final = predictions_path(image_dir, params.classifier)
     with ctx.lock_image(params.image_id, exclusive=False, purpose="predict"):
-        if params.phase == "merge":
+        if params.score_nuclei is not None:
+            summary.update(_score(params, ctx, image_dir, path, sha))
+        elif params.phase == "merge":
             summary.update(_merge(parts_dir(image_dir, params.classifier), final, image_dir,
                                   params.image_id, sha))
         else:
@@ -125,6 +143,38 @@ def _nuclei(image_dir: Path, image_id: int) -> pd.DataFrame:
                                 "segment_nuclei first (celldetector_preprocess)")
     return pd.read_parquet(path, columns=["id", "x", "y"]).sort_values("id",
                                                                      ignore_index=True)
+
+
+def _score(params: Params, ctx: StepContext, image_dir: Path, path: Path, sha: str
+           ) -> dict[str, Any]:
+    """Probabilities of the ``score_nuclei`` only, as ``outputs/scores.<nnnn>.json`` chunks."""
+    import json
+
+    from hpc_jobs.fsutil import atomic_write
+
+    wanted = sorted(set(params.score_nuclei or ()))
+    nuclei = _nuclei(image_dir, params.image_id)
+    nuclei = nuclei[nuclei["id"].isin(wanted)]
+    if len(nuclei) != len(wanted):
+        missing = sorted(set(wanted) - set(int(i) for i in nuclei["id"]))
+        raise ValueError(f"image {params.image_id} has no nuclei {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''} in its nuclei table: the "
+                         "candidate set comes from another segmentation; select candidates "
+                         "again (celldetector_candidates)")
+    df, stats = _classify(nuclei, params, ctx, image_dir, path, sha)
+    probs = {str(int(i)): float(p) for i, p in zip(df["id"], df["probability"], strict=True)}
+    keys = list(probs)
+    chunks = []
+    for k in range(0, len(keys), SCORES_PER_CHUNK):
+        name = f"scores.{k // SCORES_PER_CHUNK:04d}.json"
+        body = {"image_id": params.image_id, "model": params.classifier,
+                "probabilities": {n: probs[n] for n in keys[k : k + SCORES_PER_CHUNK]}}
+        atomic_write(ctx.outputs / name, json.dumps(body).encode(), mode=0o644)
+        chunks.append(name)
+    ctx.log(f"predict: scored {len(probs)} candidate nuclei of image {params.image_id} "
+            f"in {len(chunks)} chunk(s), {stats['crops_per_s']:.1f} crops/s on {stats['device']}")
+    stats.pop("class_names")
+    return {**stats, "scores": {"chunks": chunks, "nuclei": len(probs)}}
 
 
 def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir: Path,

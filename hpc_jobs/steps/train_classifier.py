@@ -42,11 +42,9 @@ from pydantic import Field, model_validator
 
 from hpc_jobs.classifier.snapshot import MAX_LABELS, snapshot_hash
 from hpc_jobs.steps.base import StepContext, StepParams
-from hpc_jobs.steps.fields import DapiChannel, ImageId, MarkerChannel
+from hpc_jobs.steps.fields import DapiChannel, ImageId, MarkerChannel, ModelName
 
 #: A file name in the site's classifier folder (no path: the folder is the site's choice).
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                                 description="A model name in the site's classifier folder.")]
 NucleusId = Annotated[int, Field(ge=1, le=2**32 - 1)]
 #: 1 positive, 0 negative. An int range, not ``Literal[0, 1]``: a Literal accepts JSON
 #: ``true`` as 1 even in strict mode (True == 1), an int field in strict mode refuses it.

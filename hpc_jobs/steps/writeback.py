@@ -24,9 +24,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from hpc_jobs.predictions import ModelName
 from hpc_jobs.steps.base import StepContext, StepParams
-from hpc_jobs.steps.fields import ImageId
+from hpc_jobs.steps.fields import ImageId, ModelName
 
 
 class Params(StepParams):

@@ -45,6 +45,25 @@ class ImageNotFound(StoreError):
     """No image with that id (or the session may not see it)."""
 
 
+def check_selection(dataset: object, tag: object) -> tuple[int | None, int | str | None]:
+    """``(dataset, tag)`` of an image listing after the checks every store makes: a dataset
+    is an id >= 1, a tag an id >= 1 or a non-empty text; at least one of them is given."""
+    if dataset is None and tag is None:
+        raise StoreError("list_image_ids needs a dataset id or a tag (id or text); "
+                         "use list_images() for every image")
+    if dataset is not None and (isinstance(dataset, bool) or not isinstance(dataset, int)
+                                or dataset < 1):
+        raise StoreError(f"dataset={dataset!r}: give a dataset id (an integer >= 1)")
+    if tag is not None:
+        if isinstance(tag, bool) or not isinstance(tag, int | str):
+            raise StoreError(f"tag={tag!r}: give a tag id (integer >= 1) or the tag's text")
+        if isinstance(tag, int) and tag < 1:
+            raise StoreError(f"tag={tag!r}: tag ids are integers >= 1")
+        if isinstance(tag, str) and not tag.strip():
+            raise StoreError("tag='': give the tag's text, e.g. 'nightly', or its id")
+    return dataset, tag
+
+
 def checked_table(columns: TableColumns, name: str) -> int:
     """Rows of a table to write, after the checks every store makes; errors name the fix."""
     if not name or "/" in name:
@@ -172,6 +191,12 @@ class ImageStore(Protocol):
 
     def list_images(self) -> list[ImageInfo]:
         """Every image this session can see (for nightly batches), by id."""
+
+    def list_image_ids(self, dataset: int | None = None, tag: int | str | None = None
+                       ) -> list[int]:
+        """Ids of the images in ``dataset`` (a dataset id) and/or carrying ``tag`` (a tag
+        annotation's id, or its text: every tag with that text), sorted; both given: images
+        in both. An unknown dataset or tag raises :class:`StoreError` naming the fix."""
 
     def get_image(self, image_id: int) -> ImageInfo:
         """Metadata of one image; :class:`ImageNotFound` names the id if it does not exist."""

@@ -5,7 +5,12 @@ The embedded default store and the test double that is a *real* :class:`ImageSto
 Layout under ``root``::
 
     store.json                      {"format": "omeflow-local-store", "version": 1}
-    ids.json                        last id handed out per kind (image, roi, file, map)
+    ids.json                        last id handed out per kind (image, roi, file, map,
+                                    dataset, tag)
+    datasets.json                   {"datasets": [{"id", "name", "image_ids": [...]}]}
+    tags.json                       {"tags": [{"id", "text", "image_ids": [...]}]}
+                                    (OMERO's Dataset -> DatasetImageLink -> Image and
+                                    TagAnnotation <- ImageAnnotationLink <- Image)
     .lock                           fcntl lock guarding ids.json
     images/<id>/pixels.ome.tif      tiled BigTIFF, OME-XML (channel names, PhysicalSizeX/Y),
                                     one page per channel; pyramid levels as SubIFDs
@@ -63,6 +68,7 @@ from hpc_jobs.stores.base import (
     Shape,
     StoreError,
     TableColumns,
+    check_selection,
     checked_attachment,
     checked_table,
 )
@@ -262,6 +268,76 @@ class LocalStore:
     def get_image(self, image_id: int) -> ImageInfo:
         """Metadata of one image; :class:`ImageNotFound` lists the ids that exist."""
         return self._info(self._meta(image_id))
+
+    # datasets and tags -----------------------------------------------------
+    def create_dataset(self, name: str, image_ids: Sequence[int] = ()) -> int:
+        """A new dataset (like OMERO's) holding ``image_ids``; returns its id."""
+        if not name.strip():
+            raise StoreError("a dataset needs a name, e.g. 'nightly slides'")
+        return self._new_group("datasets", {"name": name}, image_ids)
+
+    def add_to_dataset(self, dataset_id: int, image_ids: Sequence[int]) -> None:
+        """Link images into a dataset (an image already in it stays once)."""
+        self._link("datasets", dataset_id, image_ids)
+
+    def tag_images(self, tag: int | str, image_ids: Sequence[int]) -> int:
+        """Tag images with a tag (its id, or its text: the tag with that text, created if
+        there is none); returns the tag's id."""
+        check_selection(None, tag)
+        if isinstance(tag, str):
+            found = [r["id"] for r in self._groups("tags") if r["text"] == tag]
+            if not found:
+                return self._new_group("tags", {"text": tag}, image_ids)
+            tag = int(found[0])
+        self._link("tags", tag, image_ids)
+        return tag
+
+    def list_image_ids(self, dataset: int | None = None, tag: int | str | None = None
+                       ) -> list[int]:
+        """Ids of the images in ``dataset`` and/or with ``tag`` (id or text), sorted."""
+        check_selection(dataset, tag)
+        existing = set(self._image_ids())
+        selected = existing
+        if dataset is not None:
+            recs = [r for r in self._groups("datasets") if r["id"] == dataset]
+            if not recs:
+                known = [f"{r['id']} ({r['name']})" for r in self._groups("datasets")]
+                raise StoreError(f"no dataset {dataset} in local store {self.root}; datasets: "
+                                 f"{', '.join(known) or 'none'} (LocalStore.create_dataset)")
+            selected = selected & set(recs[0]["image_ids"])
+        if tag is not None:
+            key = "id" if isinstance(tag, int) else "text"
+            recs = [r for r in self._groups("tags") if r[key] == tag]
+            if not recs:
+                known = [f"{r['id']} ({r['text']})" for r in self._groups("tags")]
+                raise StoreError(f"no tag {tag!r} in local store {self.root}; tags: "
+                                 f"{', '.join(known) or 'none'} (LocalStore.tag_images)")
+            selected = selected & {i for r in recs for i in r["image_ids"]}
+        return sorted(selected)
+
+    def _groups(self, kind: str) -> list[dict[str, Any]]:
+        return list(_read_json(self.root / f"{kind}.json", {kind: []})[kind])
+
+    def _new_group(self, kind: str, fields: dict[str, Any], image_ids: Sequence[int]) -> int:
+        ids = sorted({self._image_dir(i) and int(i) for i in image_ids})  # all must exist
+        (group_id,) = self._next_ids(kind.rstrip("s"))
+        with file_lock(self.root / ".lock"):
+            recs = self._groups(kind)
+            recs.append({"id": group_id, **fields, "image_ids": ids})
+            atomic_write_json(self.root / f"{kind}.json", {kind: recs})
+        return group_id
+
+    def _link(self, kind: str, group_id: int, image_ids: Sequence[int]) -> None:
+        ids = {self._image_dir(i) and int(i) for i in image_ids}
+        with file_lock(self.root / ".lock"):
+            recs = self._groups(kind)
+            for rec in recs:
+                if rec["id"] == group_id:
+                    rec["image_ids"] = sorted(set(rec["image_ids"]) | ids)
+                    break
+            else:
+                raise StoreError(f"no {kind.rstrip('s')} {group_id} in local store {self.root}")
+            atomic_write_json(self.root / f"{kind}.json", {kind: recs})
 
     def level_shape(self, image_id: int, level: int) -> tuple[int, int]:
         """``(size_y, size_x)`` of one resolution level."""

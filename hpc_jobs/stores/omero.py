@@ -68,6 +68,7 @@ from hpc_jobs.stores.omero_pixels import (
     numpy_dtype,
     pyramid_not_ready,
 )
+from hpc_jobs.stores.omero_query import IMAGE_PAGE, existence_checks, image_ids_query
 from hpc_jobs.stores.omero_shapes import (
     NS_PREFIX,
     format_points,
@@ -334,6 +335,34 @@ class OmeroStore:
                     image = self._cached(image.info.image_id)
             out.append(image.info)
         return sorted(out, key=lambda i: i.image_id)
+
+    def list_image_ids(self, dataset: int | None = None, tag: int | str | None = None
+                       ) -> list[int]:
+        """Ids of the images in ``dataset`` and/or with ``tag`` (id or text), by paged
+        projection queries (:mod:`.omero_query`: no image objects loaded), in all groups."""
+        import omero.clients  # noqa: F401 - loads the generated omero.sys classes
+        from omero.rtypes import rlong, rstring
+        from omero.sys import ParametersI
+
+        def params_of(values: dict[str, Any]) -> Any:
+            params = ParametersI()
+            for name, value in values.items():
+                params.add(name, rstring(value) if isinstance(value, str) else rlong(value))
+            return params
+
+        query = self.conn.getQueryService()
+        for what, hql, values in existence_checks(dataset, tag):
+            if not query.projection(hql, params_of(values), self.conn.SERVICE_OPTS):
+                raise StoreError(f"no {what} on this OMERO server that this session can see: "
+                                 "check the id/text in OMERO.web and the user's groups")
+        hql, values = image_ids_query(dataset, tag)
+        ids: list[int] = []
+        while True:
+            rows = query.projection(hql, params_of(values).page(len(ids), IMAGE_PAGE),
+                                    self.conn.SERVICE_OPTS)
+            ids.extend(int(_val(row[0])) for row in rows)
+            if len(rows) < IMAGE_PAGE:
+                return ids
 
     def get_image(self, image_id: int) -> ImageInfo:
         """Metadata of one image."""

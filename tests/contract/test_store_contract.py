@@ -82,6 +82,7 @@ class Harness:
         self.kind, self.root = kind, root
         self.store = open_store(kind, root)
         self.created: list[int] = []
+        self.cleanup: list[tuple[str, int]] = []
 
     def make_image(
         self, pixels: np.ndarray, channel_names: list[str], pixel_size_um=(0.5, 0.25)
@@ -97,8 +98,44 @@ class Harness:
         self.created.append(image_id)
         return image_id
 
+    def make_dataset(self, name: str, image_ids: list[int]) -> int:
+        """A dataset holding ``image_ids`` (OMERO: Dataset + DatasetImageLinks)."""
+        if self.kind == "local":
+            return self.store.create_dataset(name, image_ids)  # type: ignore[attr-defined]
+        import omero.model
+        from omero.gateway import DatasetWrapper
+
+        conn = self.store.conn  # type: ignore[attr-defined]
+        ds = DatasetWrapper(conn, omero.model.DatasetI())
+        ds.setName(name)
+        ds.save()
+        for image_id in image_ids:
+            link = omero.model.DatasetImageLinkI()
+            link.setParent(omero.model.DatasetI(ds.getId(), False))
+            link.setChild(omero.model.ImageI(image_id, False))
+            conn.getUpdateService().saveObject(link, conn.SERVICE_OPTS)
+        self.cleanup.append(("Dataset", ds.getId()))
+        return int(ds.getId())
+
+    def tag(self, text: str, image_ids: list[int]) -> int:
+        """Tag ``image_ids`` with a new tag ``text`` (OMERO: TagAnnotation + links)."""
+        if self.kind == "local":
+            return self.store.tag_images(text, image_ids)  # type: ignore[attr-defined]
+        from omero.gateway import TagAnnotationWrapper
+
+        conn = self.store.conn  # type: ignore[attr-defined]
+        tag = TagAnnotationWrapper(conn)
+        tag.setValue(text)
+        tag.save()
+        for image_id in image_ids:
+            conn.getObject("Image", image_id).linkAnnotation(tag)
+        self.cleanup.append(("Annotation", tag.getId()))
+        return int(tag.getId())
+
     def close(self) -> None:
         if self.kind == "omero":
+            for kind, obj_id in self.cleanup:
+                self.store.conn.deleteObjects(kind, [obj_id], wait=True)  # type: ignore[attr-defined]
             for image_id in self.created:
                 self.store.delete_image(image_id)  # type: ignore[attr-defined]
         self.store.close()
@@ -125,6 +162,29 @@ def pixels() -> np.ndarray:
 @pytest.fixture
 def image(harness: Harness, pixels: np.ndarray) -> int:
     return harness.make_image(pixels, ["DAPI", "CD8"])
+
+
+# ----------------------------------------------------------------------------- selection
+def test_images_listed_by_dataset_and_tag(harness: Harness, pixels: np.ndarray) -> None:
+    a, b, c = (harness.make_image(pixels, ["DAPI", "CD8"]) for _ in range(3))
+    text = f"omeflow-contract-{os.getpid()}-{a}"
+    dataset = harness.make_dataset(text, [a, b])
+    tag_id = harness.tag(text, [b, c])
+    store = harness.store
+    assert store.list_image_ids(dataset=dataset) == [a, b]
+    assert store.list_image_ids(tag=text) == [b, c]
+    assert store.list_image_ids(tag=tag_id) == [b, c]
+    assert store.list_image_ids(dataset=dataset, tag=text) == [b]
+    assert store.list_image_ids(dataset=dataset, tag=tag_id) == [b]
+
+
+def test_unknown_dataset_or_tag_is_named(harness: Harness, image: int) -> None:
+    with pytest.raises(StoreError, match="no dataset 987654321"):
+        harness.store.list_image_ids(dataset=987654321)
+    with pytest.raises(StoreError, match="no tag 'omeflow-no-such-tag'"):
+        harness.store.list_image_ids(tag="omeflow-no-such-tag")
+    with pytest.raises(StoreError, match="needs a dataset id or a tag"):
+        harness.store.list_image_ids()
 
 
 # ----------------------------------------------------------------------------- metadata

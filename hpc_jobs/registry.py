@@ -27,6 +27,7 @@ SELECT_CANDIDATES = "select_candidates"
 TRAIN_CLASSIFIER = "train_classifier"
 PREDICT = "predict"
 WRITEBACK = "writeback"
+FIND_IMAGES = "find_images"
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,13 @@ STEPS: dict[str, StepSpec] = {
             resources=Resources(cpus=1, mem_mb=4096, time_min=60),
             description="Predictions to the image store: ROIs per positive cell, the per-cell "
             "table, densities per tissue ROI.",
+        ),
+        StepSpec(
+            name=FIND_IMAGES,
+            module="hpc_jobs.steps.find_images",
+            resources=Resources(cpus=1, mem_mb=1024, time_min=10),
+            description="Images of a dataset or tag that have no results for a model yet "
+            "(nightly batches).",
         ),
     ]
 }

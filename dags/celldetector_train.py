@@ -11,6 +11,12 @@
 3. **register_model** (here): the model in the annotation store's registry (path, params,
    snapshot hash and time, metrics, git commit); it becomes current when none is, when it
    beats the current one on the same held-out cells, or with ``promote``.
+4. **Active learning** (``operators/scoring.py``): the new model scores the unlabelled
+   candidates of every candidate set of the images whose labels trained it: **score_plan**
+   lists them, **score_candidates** (``predict`` with ``score_nuclei``, one job per image,
+   mapped) classifies only those nuclei on the cluster, and **apply_scores** fetches their
+   probabilities through the gateway and stores the uncertainty ``1 - |2p - 1|`` with
+   ``set_scores``: the annotation page's "most uncertain first" order serves them next.
 
 Every form field except those in ``DAG_ONLY_PARAMS`` is a field of ``train_classifier``'s
 params model, generated from it with its bounds and default.
@@ -22,7 +28,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Param, task
 
-from hpc_jobs.registry import TRAIN_CLASSIFIER
+from hpc_jobs.registry import PREDICT, TRAIN_CLASSIFIER
 from operators.image_dag import IMAGE_DAG_SETTINGS
 from operators.params import form_args, resources_param, step_form
 from operators.step import StepOperator
@@ -107,4 +113,47 @@ with DAG(
               f"{m['baseline_marker_mean']['roc_auc']}")
         return out
 
-    register(train.output, snapshot)
+    registered = register(train.output, snapshot)
+
+    @task(task_id="score_plan")
+    def score_plan(registered: dict[str, Any], snap: dict[str, Any],
+                   params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One ``predict`` job's arguments per image with unlabelled candidates."""
+        import logging
+
+        from airflow.sdk import get_current_context
+
+        from operators.candidates import open_annotation_store
+        from operators.scoring import scoring_plan
+
+        params = params or get_current_context()["params"]
+        store = open_annotation_store(params["annotations_conn_id"], logging.getLogger(__name__))
+        plan = scoring_plan(store, {int(i) for i, _, _ in snap["labels"]}, registered["path"])
+        print(f"active learning: {sum(len(p['score_nuclei']) for p in plan)} unlabelled "
+              f"candidates of {len({p['image_id'] for p in plan})} image(s) to score")
+        return plan
+
+    scoring = StepOperator.partial(
+        task_id="score_candidates", step=PREDICT, poll_interval=2.0,
+    ).expand_kwargs(score_plan(registered, snapshot))
+
+    @task(task_id="apply_scores")
+    def apply(summaries: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Fetch the probabilities; store each unlabelled candidate's uncertainty."""
+        import logging
+
+        from airflow.sdk import get_current_context
+
+        from hooks.hpc import HpcGatewayHook
+        from operators.candidates import open_annotation_store
+        from operators.scoring import score_all
+
+        params = params or get_current_context()["params"]
+        store = open_annotation_store(params["annotations_conn_id"], logging.getLogger(__name__))
+        out = score_all(store, HpcGatewayHook(), list(summaries))
+        for row in out:
+            print(f"image {row['image_id']}: {row['scored']} candidates scored in sets "
+                  f"{row['sets']}")
+        return out
+
+    apply(scoring.output)

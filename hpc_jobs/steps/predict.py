@@ -18,7 +18,8 @@ Active learning: with ``score_nuclei`` (the unlabelled candidates' nucleus ids, 
 :data:`MAX_SCORE_NUCLEI`), only those nuclei are classified, the image's predictions file is
 left alone, and their probabilities go to ``outputs/scores.<nnnn>.json`` chunks
 (``{"image_id", "model", "probabilities": {nucleus_id: p}}``, each below the gateway's
-``result`` cap) listed in the summary's ``scores.chunks``; the Airflow side fetches them and
+``result`` cap) listed in the summary's ``scores.chunks`` (with ``job_id``, as in
+``select_candidates``); the Airflow side fetches them and
 turns them into the annotation queue's uncertainty (``operators/scoring.py``).
 """
 
@@ -174,7 +175,7 @@ def _score(params: Params, ctx: StepContext, image_dir: Path, path: Path, sha: s
     ctx.log(f"predict: scored {len(probs)} candidate nuclei of image {params.image_id} "
             f"in {len(chunks)} chunk(s), {stats['crops_per_s']:.1f} crops/s on {stats['device']}")
     stats.pop("class_names")
-    return {**stats, "scores": {"chunks": chunks, "nuclei": len(probs)}}
+    return {**stats, "job_id": ctx.job_key, "scores": {"chunks": chunks, "nuclei": len(probs)}}
 
 
 def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir: Path,

@@ -29,7 +29,8 @@ from operators.prediction import PredictOperator, ResolveClassifierOperator, Wri
 STEPS = [PREDICT, WRITEBACK]
 #: Step fields this DAG fills itself: the mapped image, the resolved classifier, the array
 #: phase, the run recorded with the results, and the check's tissue rule (densities need it).
-FILLED_BY_DAG = ("image_id", "classifier", "phase", "run_label", "need_tissue")
+#: (score_nuclei is celldetector_train's active learning, never a form field here.)
+FILLED_BY_DAG = ("image_id", "classifier", "phase", "run_label", "need_tissue", "score_nuclei")
 DAG_ONLY_PARAMS: dict[str, Param] = {
     "registered_model": Param("current", type=["string", "integer"], pattern=r"^(current|[0-9]+)$",
                    description="registered model id, or 'current' (the model marked "

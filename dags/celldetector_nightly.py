@@ -50,9 +50,9 @@ PIPELINE = [CHECK_IMAGES, EXPORT_ZARR, SEGMENT_NUCLEI, ECDF, PREDICT, WRITEBACK]
 #: Step fields this DAG fills itself: the image (list), the model, the array phase, the run
 #: recorded with the results, the tissue rule and the densities (their map annotation marks
 #: an image done), and the selection (the DAG params ``nightly_*``, defaults from the
-#: settings of the same names).
+#: settings of the same names). ``score_nuclei`` is celldetector_train's active learning.
 FILLED_BY_DAG = ("image_id", "image_ids", "classifier", "phase", "run_label", "need_tissue",
-                 "densities", "dataset", "tag", "max_images")
+                 "densities", "dataset", "tag", "max_images", "score_nuclei")
 SETTINGS = nightly_settings()
 DAG_ONLY_PARAMS: dict[str, Param] = {
     "nightly_dataset": Param(SETTINGS.dataset, type=["integer", "null"], minimum=1,
@@ -129,7 +129,7 @@ with DAG(
         predict = PredictOperator(task_id=PREDICT, image_id=image_id,
                                   classifier=model.output["classifier"],
                                   array_tasks="{{ params.predict_array_tasks }}",
-                                  **_step_args(PREDICT))
+                                  score_nuclei=None, **_step_args(PREDICT))
         writeback = WritebackOperator(task_id=WRITEBACK, image_id=image_id,
                                       classifier=model.output["classifier"],
                                       run_label="{{ run_id }}", densities=True,

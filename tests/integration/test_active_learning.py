@@ -93,10 +93,13 @@ def test_train_dag_scores_unlabelled_candidates_by_uncertainty(
           f"{min(spread):.3f}..{max(spread):.3f}")
 
 
-def test_predict_score_nuclei_refuses_unknown_nuclei_and_arrays() -> None:
+def test_predict_score_nuclei_is_bounded() -> None:
     from pydantic import ValidationError
 
     from hpc_jobs.steps.predict import MAX_SCORE_NUCLEI, Params
+
+    assert Params(image_id=1, classifier="m", score_nuclei=[3, 5]).score_nuclei == [3, 5]
+    assert Params(image_id=1, classifier="m").score_nuclei is None  # a plain predict
 
     with pytest.raises(ValidationError):
         Params(image_id=1, classifier="m", score_nuclei=list(range(MAX_SCORE_NUCLEI + 1)))

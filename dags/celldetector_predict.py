@@ -60,6 +60,7 @@ with image_dag(
         """predict → writeback for one image."""
         predict = PredictOperator(
             task_id=PREDICT, image_id=image_id, classifier=model.output["classifier"],
+            score_nuclei=None,  # every nucleus (a list is celldetector_train's scoring)
             **form_args(PREDICT, exclude=FILLED_BY_DAG),
             array_tasks="{{ params.predict_array_tasks }}",
             hpc_resources="{{ params.hpc_resources.get('%s', {}) }}" % PREDICT,  # noqa: UP031

@@ -80,3 +80,27 @@ def run_dag(airflow_env: dict[str, str]) -> Callable[..., tuple[dict[str, Any], 
         )
 
     return _run
+
+
+@pytest.fixture
+def embedded_site(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The embedded default's site of the DAG tests' ``AIRFLOW_HOME``: where the jobs that
+    ``run_dag`` starts keep their job dirs, data and local store (for preparing inputs and
+    checking outputs)."""
+    from hooks.hpc import embedded_site_config
+    from hpc_jobs.config import SiteConfig
+
+    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
+    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
+    return SiteConfig.load(embedded_site_config())
+
+
+@pytest.fixture
+def embedded_annotations(airflow_env: dict[str, str]) -> Any:
+    """The annotation store that ``run_dag``'s tasks use (the embedded SQLite), migrated."""
+    from hooks.annotations import AnnotationStore, sqlite_engine
+
+    path = Path(airflow_env["AIRFLOW_HOME"]) / "var" / "annotations.sqlite"
+    store = AnnotationStore(sqlite_engine(path), check_schema=False)
+    store.migrate()
+    return store

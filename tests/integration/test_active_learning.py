@@ -18,27 +18,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_train_dag_scores_unlabelled_candidates_by_uncertainty(
-    run_dag, airflow_env, monkeypatch
+    run_dag, airflow_env, monkeypatch, embedded_site, embedded_annotations
 ) -> None:
     import pandas as pd
 
-    from hooks.annotations import AnnotationStore, sqlite_engine
-    from hooks.hpc import embedded_site_config
     from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
-    from hpc_jobs.config import SiteConfig
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps import predict
     from hpc_jobs.steps.base import StepContext
     from hpc_jobs.synth import SynthSpec
 
-    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
-    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
-    site = SiteConfig.load(embedded_site_config())
+    site = embedded_site
     ctx = StepContext(job_dir=site.job_root / "pytest-al-prep", site=site,
                       resources=Resources(cpus=2), secrets=Secrets())
-    store = AnnotationStore(sqlite_engine(Path(airflow_env["AIRFLOW_HOME"]) / "var"
-                                          / "annotations.sqlite"), check_schema=False)
-    store.migrate()
+    store = embedded_annotations
     set_ids, unlabelled = [], {}
     for seed in (31, 32):
         spec = SynthSpec(width=640, height=512, seed=seed, decoy_fraction=0.5)

@@ -22,20 +22,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _preprocessed_image(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-                        ) -> tuple[int, Any]:
+def _preprocessed_image(site: Any) -> tuple[int, Any]:
     """A synthetic slide in the embedded store with its export, nuclei and eCDF."""
-    from hooks.hpc import embedded_site_config
-    from hpc_jobs.config import SiteConfig
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps import ecdf, export_zarr, segment_nuclei
     from hpc_jobs.steps.base import StepContext
     from hpc_jobs.stores.local import LocalStore
     from hpc_jobs.synth import SynthSpec, generate
 
-    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
-    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
-    site = SiteConfig.load(embedded_site_config())
     with LocalStore(site.store.path) as store:
         image_id = generate(SynthSpec(width=768, height=384, seed=1), store,
                             out_truth=site.data_root / "truth" / "pytest-candidates")["image_id"]
@@ -67,12 +61,12 @@ def _link_xcom(airflow_env: dict[str, str], run_id: str) -> Any:
 
 
 def test_candidates_dag_loads_the_set_and_crops_into_the_annotation_store(
-    run_dag, airflow_env, monkeypatch
+    run_dag, airflow_env, monkeypatch, embedded_site
 ) -> None:
     from hooks.annotations import AnnotationStore, sqlite_engine
     from operators.candidates import ANNOTATE_PATH
 
-    image_id, site = _preprocessed_image(airflow_env, monkeypatch)
+    image_id, site = _preprocessed_image(embedded_site)
     # 128 px crops: several chunks for a small slide
     conf = {"image_ids": [image_id], "rule": "quantile", "quantile": 0.5, "crop_size": 128}
     result, output = run_dag("celldetector_candidates", conf)

@@ -11,8 +11,6 @@ failing image; with that image removed, a third run finds nothing at all.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,19 +18,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_nightly_picks_new_images_skips_finished_and_isolates_failures(
-    run_dag, airflow_env, monkeypatch, tmp_path
+    run_dag, airflow_env, monkeypatch, tmp_path, embedded_site, embedded_annotations
 ) -> None:
-    from hooks.annotations import AnnotationStore, sqlite_engine
-    from hooks.hpc import embedded_site_config
-    from hpc_jobs.config import SiteConfig
     from hpc_jobs.predictions import namespace_for
     from hpc_jobs.stores.local import LocalStore
     from hpc_jobs.synth import SynthSpec, generate
     from tests.science.test_predict import save_untrained
 
-    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
-    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
-    site = SiteConfig.load(embedded_site_config())
+    site = embedded_site
     path = save_untrained(site.models.classifier_dir(site.data_root), "nightly", threshold=0.0)
     ns = namespace_for("nightly")
     store = LocalStore(site.store.path)
@@ -53,9 +46,7 @@ def test_nightly_picks_new_images_skips_finished_and_isolates_failures(
     assert "no model is marked current" in output
     assert result["tasks"]["find_images"]["state"] == "skipped"
 
-    annotations = AnnotationStore(sqlite_engine(Path(airflow_env["AIRFLOW_HOME"]) / "var"
-                                                / "annotations.sqlite"))
-    annotations.migrate()
+    annotations = embedded_annotations
     annotations.add_model(str(path.with_name("newer-not-current.pt")), {}, "x", {})
     annotations.promote_model(annotations.add_model(str(path), {}, "hash", {}))
     annotations.add_model(str(path.with_name("newest-not-current.pt")), {}, "y", {})

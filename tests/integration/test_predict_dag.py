@@ -9,19 +9,14 @@ predicts on a 2-task array + merge and writes back through the gateway (local sc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
 def test_predict_dag_predicts_every_nucleus_and_writes_back_once(
-    run_dag, airflow_env, monkeypatch, tmp_path
+    run_dag, airflow_env, monkeypatch, tmp_path, embedded_site, embedded_annotations
 ) -> None:
-    from hooks.annotations import AnnotationStore, sqlite_engine
-    from hooks.hpc import embedded_site_config
-    from hpc_jobs.config import SiteConfig
     from hpc_jobs.predictions import namespace_for
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps.base import StepContext
@@ -29,18 +24,14 @@ def test_predict_dag_predicts_every_nucleus_and_writes_back_once(
     from tests.science.predict_slide import prepare_slide
     from tests.science.test_predict import save_untrained
 
-    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
-    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
-    site = SiteConfig.load(embedded_site_config())
+    site = embedded_site
     ctx = StepContext(job_dir=site.job_root / "pytest-predict-prep", site=site,
                       resources=Resources(cpus=1), secrets=Secrets())
     slide = prepare_slide(tmp_path, ctx)
     image_id, n_nuclei = slide["image_id"], len(slide["truth"])
     # threshold 0: every nucleus counts as positive, so every one gets an ROI
     path = save_untrained(site.models.classifier_dir(site.data_root), "dagtest", threshold=0.0)
-    store = AnnotationStore(sqlite_engine(Path(airflow_env["AIRFLOW_HOME"]) / "var"
-                                          / "annotations.sqlite"))
-    store.migrate()
+    store = embedded_annotations
     older = store.add_model(str(path.with_name("older.pt")), {}, "x", {})
     newest = store.add_model(str(path), {"arch": "resnet50"}, "hash", {"roc_auc": 0.5})
     assert newest > older

@@ -18,24 +18,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _labelled_sets(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-                   ) -> tuple[list[int], Any, Any]:
-    from hooks.annotations import AnnotationStore, sqlite_engine
-    from hooks.hpc import embedded_site_config
+def _labelled_sets(site: Any, store: Any) -> tuple[list[int], Any, Any]:
     from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
-    from hpc_jobs.config import SiteConfig
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps.base import StepContext
     from hpc_jobs.synth import SynthSpec
 
-    monkeypatch.setenv("AIRFLOW_HOME", airflow_env["AIRFLOW_HOME"])
-    monkeypatch.delenv("OMEFLOW_SITE_CONFIG", raising=False)
-    site = SiteConfig.load(embedded_site_config())
     ctx = StepContext(job_dir=site.job_root / "pytest-train-prep", site=site,
                       resources=Resources(cpus=2), secrets=Secrets())
-    store = AnnotationStore(sqlite_engine(Path(airflow_env["AIRFLOW_HOME"]) / "var"
-                                          / "annotations.sqlite"), check_schema=False)
-    store.migrate()
     set_ids = []
     for seed in (21, 22):
         spec = SynthSpec(width=640, height=512, seed=seed, decoy_fraction=0.5)
@@ -55,9 +45,9 @@ def _labelled_sets(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 
 
 def test_train_dag_snapshots_trains_registers_and_refuses_too_few_labels(
-    run_dag, airflow_env, monkeypatch
+    run_dag, airflow_env, monkeypatch, embedded_site, embedded_annotations
 ) -> None:
-    set_ids, store, site = _labelled_sets(airflow_env, monkeypatch)
+    set_ids, store, site = _labelled_sets(embedded_site, embedded_annotations)
     conf = {"set_ids": set_ids, "epochs": 2, "patience": 1, "input_size": 32}
     result, output = run_dag("celldetector_train", conf)
     assert result["state"] == "success", output[-6000:]

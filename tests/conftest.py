@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,16 @@ def embedded_site(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.fixture
-def embedded_annotations(airflow_env: dict[str, str]) -> Any:
-    """The annotation store that ``run_dag``'s tasks use (the embedded SQLite), migrated."""
+def embedded_annotations(airflow_env: dict[str, str]) -> Iterator[Any]:
+    """The annotation store that ``run_dag``'s tasks use (the embedded SQLite), new and
+    migrated for each test: the Airflow home is shared by the whole session, and a model one
+    test made *current* must not decide what another test's DAG does."""
     from hooks.annotations import AnnotationStore, sqlite_engine
 
     path = Path(airflow_env["AIRFLOW_HOME"]) / "var" / "annotations.sqlite"
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
     store = AnnotationStore(sqlite_engine(path), check_schema=False)
     store.migrate()
-    return store
+    yield store
+    store.engine.dispose()

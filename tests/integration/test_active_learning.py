@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.truth_sets import add_truth_set
+
 pytestmark = pytest.mark.slow
 
 
@@ -22,7 +24,7 @@ def test_train_dag_scores_unlabelled_candidates_by_uncertainty(
 ) -> None:
     import pandas as pd
 
-    from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
+    from hpc_jobs.classifier.synthetic import prepare_slide
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps import predict
     from hpc_jobs.steps.base import StepContext
@@ -36,18 +38,10 @@ def test_train_dag_scores_unlabelled_candidates_by_uncertainty(
     for seed in (31, 32):
         spec = SynthSpec(width=640, height=512, seed=seed, decoy_fraction=0.5)
         image_id, table = prepare_slide(ctx, spec, site.data_root / "truth" / f"al-{seed}")
-        rows = truth_labels(image_id, table)
-        by_id = table.set_index("id")
-        set_id = store.add_candidate_set(
-            image_id, "pytest-al", "fixed", {"threshold": 200}, {},
-            [{"nucleus_id": n, "x": float(by_id.x[n]), "y": float(by_id.y[n]), "area": 1.0}
-             for _, n, _ in rows])
-        cands = {c["nucleus_id"]: c["id"] for c in store.candidates(set_id)}
-        for k, (_, n, v) in enumerate(rows):
-            if k % 3:  # two thirds labelled by the truth; every third left for the queue
-                store.label(cands[n], "auto-truth", "positive" if v else "negative")
-            else:
-                unlabelled[(set_id, n)] = image_id
+        # two thirds labelled by the truth; every third left for the queue
+        set_id, _, rows = add_truth_set(store, image_id, table, "pytest-al", "auto-truth",
+                                        labelled=lambda k: k % 3 != 0)
+        unlabelled.update({(set_id, n): image_id for k, (_, n, _) in enumerate(rows) if k % 3 == 0})
         set_ids.append(set_id)
     assert unlabelled
 

@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 
 from tests.integration.test_cluster_check_dag import ssh_conn_env
+from tests.truth_sets import add_truth_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.sandbox]
 
@@ -62,7 +63,7 @@ def _labelled_slides(sandbox: dict[str, Any], annotations: Any, tmp_path: Path
     """Two decoy slides in the sandbox, candidate sets labelled from the truth.
 
     Returns (set ids, image ids, truth table per image)."""
-    from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
+    from hpc_jobs.classifier.synthetic import prepare_slide
     from hpc_jobs.config import SiteConfig
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.sandbox import fix_permissions
@@ -79,15 +80,8 @@ def _labelled_slides(sandbox: dict[str, Any], annotations: Any, tmp_path: Path
             spec = SynthSpec(width=512, height=384, seed=seed, decoy_fraction=0.5)
             image_id, table = prepare_slide(
                 ctx, spec, Path(sandbox["data_root"]) / "truth" / f"pytest-classifier-{tag}-{seed}")
-            labels = truth_labels(image_id, table)
-            by_id = table.set_index("id")
-            set_id = annotations.add_candidate_set(
-                image_id, "pytest-sandbox-train", "fixed", {"threshold": 200}, {},
-                [{"nucleus_id": n, "x": float(by_id.x[n]), "y": float(by_id.y[n]), "area": 1.0}
-                 for _, n, _ in labels])
-            cands = {c["nucleus_id"]: c["id"] for c in annotations.candidates(set_id)}
-            for _, n, v in labels:
-                annotations.label(cands[n], "truth-bot", "positive" if v else "negative")
+            set_id, _, _ = add_truth_set(annotations, image_id, table, "pytest-sandbox-train",
+                                         "truth-bot")
             set_ids.append(set_id)
             image_ids.append(image_id)
             tables[image_id] = table

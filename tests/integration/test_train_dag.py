@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from tests.truth_sets import add_truth_set
+
 pytestmark = pytest.mark.slow
 
 
 def _labelled_sets(site: Any, store: Any) -> tuple[list[int], Any, Any]:
-    from hpc_jobs.classifier.synthetic import prepare_slide, truth_labels
+    from hpc_jobs.classifier.synthetic import prepare_slide
     from hpc_jobs.protocol import Resources, Secrets
     from hpc_jobs.steps.base import StepContext
     from hpc_jobs.synth import SynthSpec
@@ -30,15 +32,7 @@ def _labelled_sets(site: Any, store: Any) -> tuple[list[int], Any, Any]:
     for seed in (21, 22):
         spec = SynthSpec(width=640, height=512, seed=seed, decoy_fraction=0.5)
         image_id, table = prepare_slide(ctx, spec, site.data_root / "truth" / f"train-{seed}")
-        labels = truth_labels(image_id, table)
-        by_id = table.set_index("id")
-        set_id = store.add_candidate_set(
-            image_id, "pytest-train", "fixed", {"threshold": 200}, {},
-            [{"nucleus_id": n, "x": float(by_id.x[n]), "y": float(by_id.y[n]), "area": 1.0}
-             for _, n, _ in labels])
-        cands = {c["nucleus_id"]: c["id"] for c in store.candidates(set_id)}
-        for _, n, v in labels:
-            store.label(cands[n], "truth-bot", "positive" if v else "negative")
+        set_id, cands, labels = add_truth_set(store, image_id, table, "pytest-train", "truth-bot")
         store.label(cands[labels[0][1]], "second-bot", "unsure")  # left out of the snapshot
         set_ids.append(set_id)
     return set_ids, store, site

@@ -57,6 +57,7 @@ from hpc_jobs.protocol import (
     JobStatus,
     LogReply,
     PingReply,
+    QueueReply,
     ResultReply,
     StatusReply,
     SubmitReply,
@@ -416,9 +417,17 @@ class HpcGatewayHook(BaseHook):
         """Status of many jobs in one call."""
         return self._typed("status", StatusReply, {"job_ids": list(job_ids)}).jobs
 
-    def cancel(self, job_id: str) -> CancelReply:
-        """Cancel a job (a no-op for finished jobs; retried on transport errors)."""
-        return CancelReply.model_validate(self.call_idempotent("cancel", {"job_id": job_id}))
+    def cancel(self, job_id: str, by: str | None = None) -> CancelReply:
+        """Cancel a job (a no-op for finished jobs; retried on transport errors). ``by``: the
+        person who asked (recorded; the job's reason then says "cancelled by <by>")."""
+        request: dict[str, Any] = {"job_id": job_id}
+        if by is not None:
+            request["by"] = by
+        return CancelReply.model_validate(self.call_idempotent("cancel", request))
+
+    def queue(self) -> QueueReply:
+        """The scheduler's pending and running jobs of this caller."""
+        return self._typed("queue", QueueReply)
 
     def log(self, job_id: str, offset: int = 0, max_bytes: int = 65536) -> LogReply:
         """A piece of the job log; a negative offset reads its last ``-offset`` bytes."""
@@ -512,8 +521,11 @@ class AsyncGatewayClient:
         reply = await self.call("status", {"job_ids": list(job_ids)})
         return StatusReply.model_validate(reply).jobs
 
-    async def cancel(self, job_id: str) -> CancelReply:
-        return CancelReply.model_validate(await self.call("cancel", {"job_id": job_id}))
+    async def cancel(self, job_id: str, by: str | None = None) -> CancelReply:
+        request: dict[str, Any] = {"job_id": job_id}
+        if by is not None:
+            request["by"] = by
+        return CancelReply.model_validate(await self.call("cancel", request))
 
     async def close(self) -> None:
         if self._conn is not None:

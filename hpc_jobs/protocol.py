@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 PROTOCOL_VERSION = 1
 
 #: The verbs the gateway understands. ``SSH_ORIGINAL_COMMAND`` must be exactly one of them.
-VERBS: tuple[str, ...] = ("ping", "submit", "status", "cancel", "log", "result")
+VERBS: tuple[str, ...] = ("ping", "submit", "status", "cancel", "log", "result", "queue")
 
 #: Hard cap on the request body (stdin). Larger bodies are refused before parsing.
 MAX_BODY_BYTES = 256 * 1024
@@ -387,6 +387,28 @@ class StatusRequest(_Strict):
     job_ids: list[JobKey] = Field(min_length=1, max_length=MAX_STATUS_IDS)
 
 
+#: A short unit name in a progress line ("tiles", "blocks", "epochs", "crops").
+ProgressUnit = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_ ]{0,31}$", strict=True)]
+
+
+class Progress(_Strict):
+    """The latest line of a job's progress file (``progress.jsonl``, or
+    ``progress.<task>.jsonl`` for an array task), as the gateway read it.
+
+    Steps append one JSON line per change; the gateway reads only the file's last line (by
+    byte offset from the end), never the whole file.
+    """
+
+    done: int = Field(ge=0)
+    #: None while the step does not know the total yet.
+    total: int | None = Field(default=None, ge=0)
+    unit: ProgressUnit = "items"
+    #: What the step is doing now, for people ("segmenting", "merging"); at most 200 chars.
+    message: str | None = Field(default=None, max_length=200)
+    #: Unix time the line was written (the job's clock).
+    time: float | None = None
+
+
 class JobStatus(_Strict):
     job_id: JobKey
     native_id: str | None = None
@@ -398,6 +420,16 @@ class JobStatus(_Strict):
     elapsed_s: float | None = None
     #: For array jobs: state counts over tasks.
     array_states: dict[str, int] | None = None
+    #: Latest progress of the job (for an array: summed over tasks, see ``array_progress``).
+    progress: Progress | None = None
+    #: For array jobs: the latest progress of each task that reported one, by task index.
+    array_progress: dict[str, Progress] | None = None
+    #: Node(s) the job ran / runs on (Slurm's NodeList), for people.
+    node: str | None = None
+    #: The job's time limit in seconds, as the scheduler granted it.
+    time_limit_s: float | None = None
+    #: Peak resident memory in MiB (Slurm accounting's MaxRSS; for arrays: the largest task).
+    max_rss_mb: float | None = None
 
 
 #: Slurm pending reasons that mean the job will never start as submitted (it asks for more
@@ -420,8 +452,17 @@ class StatusReply(_Strict):
     jobs: list[JobStatus]
 
 
+#: Who asked for a cancel (an Airflow user name), recorded and reported in the job's reason.
+CancelledBy = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$", strict=True)
+]
+
+
 class CancelRequest(_Strict):
     job_id: JobKey
+    #: The person who cancelled (from the Airflow UI); the status reason then says
+    #: "cancelled by <by>". None for cancels by the system (timeouts, task kill).
+    by: CancelledBy | None = None
 
 
 class CancelReply(_Strict):
@@ -468,6 +509,30 @@ class ResultReply(_Strict):
     text: str | None = None
 
 
+class QueueRequest(_Strict):
+    """The scheduler's queue for this caller: its jobs that are pending or running."""
+
+
+class QueueEntry(_Strict):
+    #: The job key (the scheduler's job name); None for a job omeflow did not submit.
+    job_id: JobKey | None = None
+    native_id: str
+    state: JobState
+    reason: str | None = None
+    node: str | None = None
+    partition: str | None = None
+    elapsed_s: float | None = None
+    time_limit_s: float | None = None
+    #: Unix time the job was submitted.
+    submitted_at: float | None = None
+
+
+class QueueReply(_Strict):
+    ok: Literal[True] = True
+    scheduler: str
+    jobs: list[QueueEntry]
+
+
 REQUEST_MODELS: dict[str, type[_Strict]] = {
     "ping": PingRequest,
     "submit": SubmitRequest,
@@ -475,6 +540,7 @@ REQUEST_MODELS: dict[str, type[_Strict]] = {
     "cancel": CancelRequest,
     "log": LogRequest,
     "result": ResultRequest,
+    "queue": QueueRequest,
 }
 REPLY_MODELS: dict[str, type[_Strict]] = {
     "ping": PingReply,
@@ -483,4 +549,5 @@ REPLY_MODELS: dict[str, type[_Strict]] = {
     "cancel": CancelReply,
     "log": LogReply,
     "result": ResultReply,
+    "queue": QueueReply,
 }

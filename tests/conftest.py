@@ -20,6 +20,7 @@ from tests.postgres_fixture import (  # noqa: F401  (re-exported fixtures)
     sql_url,
 )
 from tests.sandbox_fixture import sandbox  # noqa: F401  (re-exported fixture)
+from tests.stack_fixture import live_stack  # noqa: F401  (re-exported fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

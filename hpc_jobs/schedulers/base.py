@@ -68,6 +68,27 @@ class NativeStatus:
     reason: str | None = None
     elapsed_s: float | None = None
     array_states: dict[str, int] | None = None
+    #: Node list (Slurm's NodeList; the host name for the local scheduler).
+    node: str | None = None
+    #: Granted time limit in seconds.
+    time_limit_s: float | None = None
+    #: Peak resident memory in MiB (accounting's MaxRSS; arrays: the largest task).
+    max_rss_mb: float | None = None
+
+
+@dataclass
+class QueuedJob:
+    """One pending or running job of the service account, as the scheduler lists it."""
+
+    native_id: str
+    name: str
+    state: JobState
+    reason: str | None = None
+    node: str | None = None
+    partition: str | None = None
+    elapsed_s: float | None = None
+    time_limit_s: float | None = None
+    submitted_at: float | None = None
 
 
 class Scheduler(Protocol):
@@ -86,6 +107,9 @@ class Scheduler(Protocol):
 
     def find_by_name(self, name: str) -> str | None:
         """Native id of a live job with this name (recovers a submit whose reply was lost)."""
+
+    def queue(self) -> list[QueuedJob]:
+        """The service account's pending and running jobs (one query)."""
 
 
 def get_scheduler(site: SiteConfig) -> Scheduler:

@@ -12,168 +12,43 @@ is the embedded local gateway (no sandbox needed).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-import httpx
 import psutil
 import pytest
+
+from tests.stack_fixture import (
+    FAST_ENV,
+    UI_SCRIPT,
+    Stack,
+    free_port,
+    home_processes,
+    start_stack,
+)
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-UI_SCRIPT = REPO / "scripts" / "ui.py"
 DAG_ID = "omeflow_cluster_check"
 TASK_ID = "cluster_check"
-START_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 240
-COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
-
-
-class Stack:
-    """``scripts/ui.py`` running in the background, its output and an authenticated client."""
-
-    def __init__(self, base_url: str, env: dict[str, str], logs: Path) -> None:
-        self.base_url = base_url
-        self.env = env
-        self.logs = logs
-        self.home = Path(env["AIRFLOW_HOME"])
-        self.out = logs / "ui.out"
-        self.ui: subprocess.Popen[bytes] | None = None
-        self.pids: dict[str, int] = {}
-        self.token = ""
-        self.http = httpx.Client(base_url=base_url, timeout=30.0, follow_redirects=False)
-
-    def start(self, port: int) -> None:
-        with open(self.out, "wb") as out:
-            self.ui = subprocess.Popen(
-                [sys.executable, str(UI_SCRIPT), "--port", str(port), "--log-dir", str(self.logs)],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=REPO,
-            )
-
-    def output(self) -> str:
-        return _tail(self.out, 100_000)
-
-    def check_alive(self) -> None:
-        assert self.ui is not None
-        if self.ui.poll() is not None:
-            raise AssertionError(f"scripts/ui.py exited with {self.ui.returncode}:\n"
-                                 f"{self.output()[-4000:]}\n{self.diagnostics()}")
-
-    def diagnostics(self) -> str:
-        return "\n".join(
-            f"---- {name} ----\n{_tail(self.logs / f'{name}.log', 2500)}" for name in COMPONENTS
-        )
-
-    def stop(self) -> int | None:
-        """SIGTERM to the script (what Ctrl-C does): it stops every component; its exit code."""
-        self.http.close()
-        if self.ui is None:
-            return None
-        if self.ui.poll() is None:
-            self.ui.send_signal(signal.SIGTERM)
-        try:
-            return self.ui.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            # whatever the script did, leave nothing behind for the next tests
-            for pid in [self.ui.pid, *self.pids.values()]:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.ui.wait(timeout=10)
-
-    def api(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
-        headers = dict(kwargs.pop("headers", {}))
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return self.http.request(method, path, headers=headers, **kwargs)
-
-    def wait_for(self, what: str, probe: Any, timeout: float, interval: float = 2.0) -> Any:
-        """Call ``probe()`` until it returns something truthy (bounded; fails with the logs)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                value = probe()
-            except httpx.TransportError:
-                value = None
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                             f"{self.output()[-3000:]}\n{self.diagnostics()}")
-
-
-def _home_processes(home: Path) -> list[str]:
-    """Processes (other than this one) whose AIRFLOW_HOME is ``home``."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("AIRFLOW_HOME") == str(home):
-                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:200]}")
-    return found
 
 
 @pytest.fixture(scope="module")
 def stack(airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """``scripts/ui.py`` (``make ui``) on a free loopback port, logged in as admin."""
-    port = _free_port()
-    env = dict(
-        airflow_env,
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
-        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
-    )
-    st = Stack(f"http://127.0.0.1:{port}", env, tmp_path_factory.mktemp("ui_logs"))
+    st = start_stack(dict(airflow_env, **FAST_ENV), tmp_path_factory.mktemp("ui_logs"),
+                     unpause=[DAG_ID])
     try:
-        st.start(port)
-        ready = st.wait_for("scripts/ui.py to say the UI is ready",
-                            lambda: re.search(r"omeflow UI ready: (\S+)", st.output()),
-                            START_TIMEOUT_S)
-        assert ready.group(1) == st.base_url, st.output()
-        pids_line = st.output().split("components:")[1].split("\n")[0]
-        st.pids = {name: int(pid) for name, pid in re.findall(r"([a-z-]+)=(\d+)", pids_line)}
-        assert sorted(st.pids) == sorted(COMPONENTS), st.output()
-        login = re.search(r"user 'admin', password '([^']+)'", st.output())
-        assert login, f"the script prints the login:\n{st.output()}"
-        reply = st.http.post("/auth/token", json={"username": "admin", "password": login.group(1)})
-        assert reply.status_code == 201, reply.text
-        st.token = reply.json()["access_token"]
-        st.wait_for(f"{DAG_ID} to be parsed",
-                    lambda: st.api("GET", f"/api/v2/dags/{DAG_ID}").status_code == 200,
-                    START_TIMEOUT_S)
-        reply = st.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
-        assert reply.status_code == 200 and reply.json()["is_paused"] is False, reply.text
         yield st
     finally:
         st.stop()
@@ -399,7 +274,7 @@ def test_pages_escape_what_the_cluster_and_the_db_say(airflow_env: dict[str, str
 # -- make ui: one instance per home, and a clean stop (keep these last: they stop the stack) --
 def test_a_second_ui_on_the_same_home_is_refused(stack: Stack) -> None:
     proc = subprocess.run(
-        [sys.executable, str(UI_SCRIPT), "--port", str(_free_port())], env=stack.env,
+        [sys.executable, str(UI_SCRIPT), "--port", str(free_port())], env=stack.env,
         capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -421,4 +296,4 @@ def test_ui_shares_one_secret_and_stops_every_component_on_sigterm(
     alive = [name for name, p in procs.items()
              if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"still running after the stop: {alive}"
-    assert _home_processes(stack.home) == [], "processes of the UI's home are left"
+    assert home_processes(stack.home) == [], "processes of the UI's home are left"

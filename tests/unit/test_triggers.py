@@ -182,4 +182,6 @@ def test_trigger_event_for_a_terminal_job() -> None:
     trigger = HpcJobTrigger(job_id="j-2", hpc_conn_id="omeflow_t2", poll_interval=INTERVAL)
     event = _first_event(trigger, client)
     assert event == {"job_id": "j-2", "native_id": None, "state": "FAILED", "exit_code": None,
-                     "reason": "scripted", "elapsed_s": None, "array_states": None}
+                     "reason": "scripted", "elapsed_s": None, "array_states": None,
+                     "progress": None, "array_progress": None, "node": None,
+                     "time_limit_s": None, "max_rss_mb": None}

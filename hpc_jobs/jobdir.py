@@ -11,6 +11,9 @@
         job.log              stdout + stderr of the job (Slurm --output)
         exit.json            written by the job itself when it ends (exit code, elapsed);
                              array tasks write exit.<task>.json
+        progress.jsonl       the step's progress, one JSON line per change, appended by the
+                             job (array tasks: progress.<task>.jsonl); :mod:`hpc_jobs.progress`
+        cancelled_by.json    who cancelled the job (``cancel`` with ``by``), written atomically
         outputs/             step outputs; outputs/summary.json is returned by ``result``
                              (array tasks: outputs/summary.<task>.json)
 
@@ -34,14 +37,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from hpc_jobs.fsutil import atomic_write, file_lock
-from hpc_jobs.protocol import DEFAULT_CALLER, SAFE_NAME_RE, Secrets
+from hpc_jobs.progress import progress_file_name, read_latest, task_of_file_name
+from hpc_jobs.protocol import DEFAULT_CALLER, SAFE_NAME_RE, CancelledBy, Progress, Secrets
 
 if TYPE_CHECKING:
     from hpc_jobs.config import StoreConfig
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CANCELLED_BY: TypeAdapter[str] = TypeAdapter(CancelledBy)
+#: Most array tasks whose progress files one ``status`` reads per job.
+MAX_PROGRESS_TASKS = 10_000
 
 
 def _safe_name(name: object, max_length: int) -> bool:
@@ -290,6 +299,43 @@ class JobDir:
     def write_exit_marker(self, exit_code: int, elapsed_s: float, task: int | None = None) -> None:
         data = {"exit_code": exit_code, "elapsed_s": round(elapsed_s, 3), "time": time.time()}
         atomic_write(self.exit_marker_path(task), json.dumps(data), mode=0o644)
+
+    def read_progress(self) -> tuple[Progress | None, dict[str, Progress] | None]:
+        """(latest progress of a plain job, latest progress per array task) from the job's
+        progress files, each read from its end (:func:`hpc_jobs.progress.read_latest`).
+        (None, None) when there is none; never raises for a missing, linked or corrupt file."""
+        try:
+            with self._dir_fd() as dfd:
+                names = os.listdir(dfd)
+                plain = read_latest(dfd, progress_file_name()) if "progress.jsonl" in names \
+                    else None
+                tasks: dict[str, Progress] = {}
+                for name in names:
+                    task = task_of_file_name(name)
+                    if task is None or len(tasks) >= MAX_PROGRESS_TASKS:
+                        continue
+                    latest = read_latest(dfd, name)
+                    if latest is not None:
+                        tasks[str(task)] = latest
+        except (OSError, JobDirError):
+            return None, None
+        return plain, (dict(sorted(tasks.items(), key=lambda kv: int(kv[0]))) or None)
+
+    @property
+    def cancelled_by_path(self) -> Path:
+        return self.path / "cancelled_by.json"
+
+    def write_cancelled_by(self, by: str) -> None:
+        """Record who cancelled the job (atomically; the last cancel wins)."""
+        atomic_write(self.cancelled_by_path, json.dumps({"by": by, "time": time.time()}))
+
+    def read_cancelled_by(self) -> str | None:
+        """Who cancelled the job, if a person did (validated again: files are not trusted)."""
+        try:
+            by = self._read_json(self.cancelled_by_path.name).get("by")
+            return _CANCELLED_BY.validate_python(by)
+        except (OSError, ValueError, AttributeError, JobDirError, ValidationError):
+            return None
 
     def read_log(self, offset: int, max_bytes: int) -> tuple[int, int, bytes]:
         """(file size, start offset, bytes) of the job log; negative offset = last bytes."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.image_lock import DEFAULT_WAIT_S, image_lock
+from hpc_jobs.progress import ProgressReporter, progress_file_name
 from hpc_jobs.protocol import Resources, Secrets
 
 if TYPE_CHECKING:
@@ -89,6 +90,16 @@ class StepContext:
         from hpc_jobs.stores import open_store
 
         return open_store(self.site.store, self.secrets)
+
+    def progress(
+        self, unit: str, total: int | None = None, message: str | None = None
+    ) -> ProgressReporter:
+        """A reporter of this job's (or array task's) progress, appended to
+        ``progress.jsonl`` (``progress.<task>.jsonl``) in the job directory, which the
+        gateway's ``status`` returns (:mod:`hpc_jobs.progress`)."""
+        return ProgressReporter(
+            self.job_dir / progress_file_name(self.array_task_id), unit, total, message
+        )
 
     def log(self, message: str) -> None:
         """A line in the job log (which Airflow shows in the task log)."""

@@ -103,7 +103,14 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         ctx.log(f"{key}: {value}")
     if params.sleep_s:
         ctx.log(f"sleeping {params.sleep_s} s as asked")
-        time.sleep(params.sleep_s)
+        # one progress count per second slept: the cheap job that shows progress moving
+        with ctx.progress("seconds", total=params.sleep_s, message="sleeping") as progress:
+            progress.update(0, force=True)
+            start = time.monotonic()
+            while (slept := time.monotonic() - start) < params.sleep_s:
+                time.sleep(min(1.0, params.sleep_s - slept))
+                progress.update(min(params.sleep_s, int(time.monotonic() - start)))
+            progress.update(params.sleep_s)
     if params.exit_code:
         ctx.log(f"exiting with status {params.exit_code} as asked")
         sys.exit(params.exit_code)

@@ -5,6 +5,13 @@
 ``live_stack`` (session scope) is shared by the browser, REST-script and HPC-jobs-page tests:
 one start-up for all of them. Its home is its own (not ``airflow_env``'s), so tests that start
 their own stack on ``airflow_env`` (``test_rest_and_plugin``) do not collide with it.
+
+``live_stack``'s metadata database is a new database in the local PostgreSQL (as a deployment
+runs Airflow; ``tests/postgres_fixture.py`` starts the server and the test role), dropped at
+the end of the session. Where PostgreSQL cannot be had it falls back to SQLite with a warning
+in the test summary, unless ``OMEFLOW_REQUIRE_POSTGRES=1`` (``make test``): then it fails.
+``test_rest_and_plugin``'s own stack stays on SQLite (the embedded default), so both backends
+run the real components.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
+from tests.postgres_fixture import REQUIRE_ENV, PostgresUnavailable, ensure_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 UI_SCRIPT = REPO / "scripts" / "ui.py"
@@ -59,6 +70,8 @@ class Stack:
         self.env = env
         self.logs = logs
         self.home = Path(env["AIRFLOW_HOME"])
+        #: Airflow's metadata database (``postgresql+psycopg://…`` or ``sqlite:///…``).
+        self.metadata_db = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") or "sqlite (airflow.cfg)"
         self.out = logs / "ui.out"
         self.ui: subprocess.Popen[bytes] | None = None
         self.pids: dict[str, int] = {}
@@ -181,8 +194,11 @@ def start_stack(env: dict[str, str], logs: Path, unpause: Iterable[str] = ()) ->
     return st
 
 
-def migrated_home(base: Path) -> dict[str, str]:
-    """Environment of a new, migrated ``AIRFLOW_HOME`` under ``base`` loading this repo's DAGs."""
+def migrated_home(base: Path, metadata_db: str | None = None) -> dict[str, str]:
+    """Environment of a new, migrated ``AIRFLOW_HOME`` under ``base`` loading this repo's DAGs.
+
+    ``metadata_db``: a SQLAlchemy URL of an empty database for Airflow's metadata (PostgreSQL:
+    ``postgresql+psycopg://…``); default: the SQLite file ``airflow.cfg`` names under the home."""
     home = base / "airflow_home"
     home.mkdir(parents=True)
     shutil.copy(REPO / "airflow.cfg", home / "airflow.cfg")
@@ -194,22 +210,65 @@ def migrated_home(base: Path) -> dict[str, str]:
         AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
         PYTHONPATH=str(REPO),
     )
+    if metadata_db:
+        env.update(metadata_db_env(metadata_db))
     proc = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return env
 
 
+def metadata_db_env(url: str) -> dict[str, str]:
+    """The settings that put every Airflow component on the database ``url``. PostgreSQL goes
+    through psycopg 3 (``postgresql+psycopg``, which Airflow 3.3 supports and the project
+    installs) for both of Airflow's engines: for the async one Airflow would otherwise derive
+    ``postgresql+asyncpg``, a driver that is not installed."""
+    if not url.startswith("postgresql"):
+        return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
+    url = "postgresql+psycopg:" + url.split(":", 1)[1]
+    return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": url}
+
+
+@contextlib.contextmanager
+def postgres_metadata_db() -> Iterator[str | None]:
+    """A new, empty PostgreSQL database for Airflow's metadata (its URL), dropped afterwards;
+    ``None`` with a warning when PostgreSQL cannot be had (a failure under
+    ``OMEFLOW_REQUIRE_POSTGRES=1``)."""
+    try:
+        admin_url = ensure_postgres()
+    except PostgresUnavailable as exc:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"live_stack needs PostgreSQL ({REQUIRE_ENV}=1): {exc}")
+        warnings.warn(f"live_stack runs Airflow on SQLite, not PostgreSQL: {exc}", stacklevel=2)
+        yield None
+        return
+    import sqlalchemy as sa
+
+    name = f"omeflow_airflow_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One running stack for the whole session, in its own home, logged in as admin. DAGs are
-    left paused: a test unpauses what it triggers (``stack.unpause(dag_id)``)."""
+    """One running stack for the whole session, in its own home, on Airflow metadata in
+    PostgreSQL (see the module docs), logged in as admin. DAGs are left paused: a test
+    unpauses what it triggers (``stack.unpause(dag_id)``)."""
     base = tmp_path_factory.mktemp("live_stack")
-    env = dict(migrated_home(base), **FAST_ENV)
-    logs = base / "logs"
-    logs.mkdir()
-    st = start_stack(env, logs)
-    try:
-        yield st
-    finally:
-        st.stop()
+    with postgres_metadata_db() as db_url:
+        env = dict(migrated_home(base, db_url), **FAST_ENV)
+        logs = base / "logs"
+        logs.mkdir()
+        st = start_stack(env, logs)
+        try:
+            yield st
+        finally:
+            st.stop()

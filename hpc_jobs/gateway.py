@@ -46,9 +46,10 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
-from hpc_jobs import __version__
+from hpc_jobs import __version__, tunnel
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.jobdir import JobDir, JobDirError
+from hpc_jobs.progress import summed
 from hpc_jobs.protocol import (
     DEFAULT_CALLER,
     MAX_BODY_BYTES,
@@ -64,6 +65,9 @@ from hpc_jobs.protocol import (
     LogReply,
     LogRequest,
     PingReply,
+    QueueEntry,
+    QueueReply,
+    QueueRequest,
     ResultReply,
     ResultRequest,
     StatusReply,
@@ -287,6 +291,7 @@ class Gateway:
                 job.discard()
                 raise GatewayError(ErrorCode.SCHEDULER_ERROR, f"submit failed: {exc}") from None
             job.write_job_record(record, native, self.site.scheduler)
+            tunnel.on_submit(self.site, self.config_path, native)  # no-op unless reverse_tunnel
         return SubmitReply(
             job_id=req.job_key, native_id=native, created=True, state=JobState.PENDING
         )
@@ -313,6 +318,8 @@ class Gateway:
         record = self._record(job)
         current = self._status_of([req.job_id])[0]
         if not current.state.terminal:
+            if req.by is not None:  # recorded first: a status racing the cancel names them
+                job.write_cancelled_by(req.by)
             try:
                 self.scheduler.cancel(record["native_id"])
             except SchedulerError as exc:
@@ -320,8 +327,36 @@ class Gateway:
             current = self._status_of([req.job_id])[0]
             if not current.state.terminal:
                 current = current.model_copy(update={"state": JobState.CANCELLED})
+            if req.by is not None and current.state is JobState.CANCELLED:
+                current = current.model_copy(update={"reason": f"cancelled by {req.by}"})
             self._retire(req.job_id)  # cancelled: its session ends even while it winds down
         return CancelReply(job_id=req.job_id, state=current.state)
+
+    def queue(self, _req: QueueRequest) -> QueueReply:
+        """The scheduler's pending and running jobs that belong to this caller (one query;
+        jobs of other callers and jobs omeflow did not submit are left out)."""
+        try:
+            queued = self.scheduler.queue()
+        except SchedulerError as exc:
+            raise GatewayError(ErrorCode.SCHEDULER_ERROR, f"queue failed: {exc}") from None
+        owned: dict[str, bool] = {}
+        entries: list[QueueEntry] = []
+        for q in queued:
+            if q.name not in owned:
+                try:
+                    owned[q.name] = self._owned_record(self.job(q.name)) is not None
+                except (JobDirError, OSError, ValueError):
+                    owned[q.name] = False
+            if not owned[q.name]:
+                continue
+            entries.append(
+                QueueEntry(
+                    job_id=q.name, native_id=q.native_id, state=q.state, reason=q.reason,
+                    node=q.node, partition=q.partition, elapsed_s=q.elapsed_s,
+                    time_limit_s=q.time_limit_s, submitted_at=q.submitted_at,
+                )
+            )
+        return QueueReply(scheduler=self.site.scheduler, jobs=entries)
 
     def log(self, req: LogRequest) -> LogReply:
         job = self.job(req.job_id)
@@ -439,12 +474,32 @@ class Gateway:
                     reason=ns.reason,
                     elapsed_s=ns.elapsed_s,
                     array_states=ns.array_states,
+                    node=ns.node,
+                    time_limit_s=ns.time_limit_s,
+                    max_rss_mb=ns.max_rss_mb,
                 )
             )
+        out = [self._with_job_facts(st) if st.native_id is not None else st for st in out]
         for st in out:
             if st.native_id is not None and st.state.terminal:  # this caller's, and over
                 self._retire(st.job_id)
         return out
+
+    def _with_job_facts(self, st: JobStatus) -> JobStatus:
+        """What the job directory adds to the scheduler's word: the latest progress (per
+        array task and summed) and who cancelled it."""
+        job = self.job(st.job_id)
+        plain, tasks = job.read_progress()
+        update: dict[str, Any] = {}
+        if tasks:
+            update.update(array_progress=tasks, progress=summed(tasks))
+        elif plain is not None:
+            update["progress"] = plain
+        if st.state is JobState.CANCELLED:
+            by = job.read_cancelled_by()
+            if by is not None:
+                update["reason"] = f"cancelled by {by}"
+        return st.model_copy(update=update) if update else st
 
     def _from_exit_markers(self, job: JobDir, native_id: str) -> JobStatus:
         """Status of a job the scheduler no longer knows, from the exit markers the job wrote
@@ -588,8 +643,8 @@ def handle(
                 + ", ".join(VERBS),
             )
         request = validate_request(verb, parse_body(body))
-        for field in ("job_key", "job_id", "step"):
-            if hasattr(request, field):
+        for field in ("job_key", "job_id", "step", "by"):
+            if getattr(request, field, None) is not None:
                 entry[field] = getattr(request, field)
         if isinstance(request, StatusRequest):
             entry["jobs"] = len(request.job_ids)

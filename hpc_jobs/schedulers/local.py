@@ -6,7 +6,9 @@ time limit (TIMEOUT), forwards cancellation (CANCELLED), runs array tasks with
 ``OMEFLOW_ARRAY_TASK_ID`` set, and keeps the state in ``<job_dir>/local_state.json``.
 The supervisor, and so the job, gets the same minimal environment as Slurm's commands
 (:func:`~hpc_jobs.schedulers.base.scheduler_env`), not the gateway's.
-The native id is the job id (the directory name).
+The native id is the job id (the directory name). The state also records the job's time limit
+and, once it ended, the peak resident memory of its largest process (``ru_maxrss`` of the
+supervisor's children); the node is this host.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -26,7 +30,13 @@ from typing import Any
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.fsutil import atomic_write
 from hpc_jobs.protocol import JobState, array_indices
-from hpc_jobs.schedulers.base import JobSpec, NativeStatus, SchedulerError, scheduler_env
+from hpc_jobs.schedulers.base import (
+    JobSpec,
+    NativeStatus,
+    QueuedJob,
+    SchedulerError,
+    scheduler_env,
+)
 
 STATE_FILE = "local_state.json"
 
@@ -71,9 +81,11 @@ class LocalScheduler:
             str(res.time_min * 60),
             res.array or "",
         ]
+        limit_s = float(res.time_min * 60)
         atomic_write(
             spec.job_dir / STATE_FILE,
-            json.dumps({"state": JobState.PENDING.value, "submitted": time.time()}),
+            json.dumps({"state": JobState.PENDING.value, "submitted": time.time(),
+                        "time_limit_s": limit_s}),
             mode=0o644,
         )
         try:
@@ -93,7 +105,8 @@ class LocalScheduler:
         atomic_write(
             spec.job_dir / STATE_FILE,
             json.dumps(
-                {"state": JobState.PENDING.value, "pid": proc.pid, "submitted": time.time()}
+                {"state": JobState.PENDING.value, "pid": proc.pid, "submitted": time.time(),
+                 "time_limit_s": limit_s}
             ),
             mode=0o644,
         )
@@ -102,25 +115,66 @@ class LocalScheduler:
     def _dir(self, native_id: str) -> Path:
         return self.site.job_root / native_id
 
+    @staticmethod
+    def _current(state: dict[str, Any]) -> tuple[JobState, float | None]:
+        """(state, elapsed seconds) of a recorded state; a vanished supervisor is FAILED."""
+        js = JobState(state["state"])
+        if not js.terminal and "pid" in state and not _alive(state["pid"]):
+            js, state["reason"] = JobState.FAILED, "the local job supervisor vanished"
+        started, ended = state.get("started"), state.get("ended")
+        return js, ((ended or time.time()) - started if started else None)
+
     def status(self, native_ids: Sequence[str]) -> dict[str, NativeStatus]:
         out: dict[str, NativeStatus] = {}
+        host = platform.node()
         for native_id in native_ids:
             state = _read_state(self._dir(native_id))
             if state is None:
                 continue
-            js = JobState(state["state"])
-            if not js.terminal and "pid" in state and not _alive(state["pid"]):
-                js, state["reason"] = JobState.FAILED, "the local job supervisor vanished"
-            started, ended = state.get("started"), state.get("ended")
-            elapsed = (ended or time.time()) - started if started else None
+            js, elapsed = self._current(state)
             out[native_id] = NativeStatus(
                 state=js,
                 exit_code=state.get("exit_code"),
                 reason=state.get("reason"),
                 elapsed_s=elapsed,
                 array_states=state.get("array_states"),
+                node=host if "started" in state else None,
+                time_limit_s=state.get("time_limit_s"),
+                max_rss_mb=state.get("max_rss_mb"),
             )
         return out
+
+    def queue(self) -> list[QueuedJob]:
+        """The jobs under the job root that are pending or running (their recorded state)."""
+        out: list[QueuedJob] = []
+        host = platform.node()
+        try:
+            entries = list(os.scandir(self.site.job_root))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            state = _read_state(Path(entry.path))
+            if state is None or state.get("state") not in JobState.__members__:
+                continue
+            js, elapsed = self._current(state)
+            if js.terminal:
+                continue
+            out.append(
+                QueuedJob(
+                    native_id=entry.name,
+                    name=entry.name,
+                    state=js,
+                    reason=state.get("reason"),
+                    node=host if js is JobState.RUNNING else None,
+                    partition="local",
+                    elapsed_s=elapsed,
+                    time_limit_s=state.get("time_limit_s"),
+                    submitted_at=state.get("submitted"),
+                )
+            )
+        return sorted(out, key=lambda q: q.submitted_at or 0.0)
 
     def cancel(self, native_id: str) -> None:
         state = _read_state(self._dir(native_id))
@@ -143,7 +197,8 @@ class LocalScheduler:
 # ---------------------------------------------------------------------------------------------
 def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
     state: dict[str, Any] = _read_state(job_dir) or {}
-    state.update(state=JobState.RUNNING.value, pid=os.getpid(), started=time.time())
+    state.update(state=JobState.RUNNING.value, pid=os.getpid(), started=time.time(),
+                 time_limit_s=limit_s)
     atomic_write(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
     tasks = list(array_indices(array)) if array else [None]
     procs: dict[int | None, subprocess.Popen[bytes]] = {}
@@ -201,6 +256,8 @@ def _supervise(job_dir: Path, limit_s: float, array: str) -> int:
         exit_code=exit_code,
         reason=reason,
         array_states=counts if array else None,
+        # the largest process the job ran (ru_maxrss is KiB on Linux)
+        max_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     )
     atomic_write(job_dir / STATE_FILE, json.dumps(state), mode=0o644)
     return 0

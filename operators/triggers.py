@@ -20,6 +20,9 @@ no good poll for                   cancels the job (best effort), then fires an 
 ``poll_outage_limit`` s            ``error`` and ``cancelled``: the operator retries only if
 (default 1 h)                      the cancel went through, else fails naming the job
 connection misconfigured           fires at once with ``error`` (:class:`HpcConfigError`)
+a running job's progress changed   logs ``progress: 12/40 tiles (30 %), segmenting`` (and
+                                   ``array progress: task 0: ...`` for arrays) in its own task:
+                                   the triggerer files it in the task instance's log
 =================================  ==========================================================
 """
 
@@ -30,13 +33,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from hooks.hpc import AsyncGatewayClient, HpcConfigError, HpcGatewayError, HpcTransportError
+from hpc_jobs.progress import describe, describe_tasks
 from hpc_jobs.protocol import MAX_STATUS_IDS, JobState, JobStatus, never_starts
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,9 @@ class _Waiter:
     poll_outage_limit: float
     last_ok: float = field(default_factory=time.monotonic)
     unknown_since: float | None = None
+    #: the latest status of a job that is still going, and the signal that it came
+    latest: JobStatus | None = None
+    news: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class StatusPoller:
@@ -113,11 +120,16 @@ class StatusPoller:
         job_id: str,
         unknown_timeout: float = UNKNOWN_TIMEOUT_S,
         poll_outage_limit: float = POLL_OUTAGE_LIMIT_S,
+        on_status: Callable[[JobStatus], None] | None = None,
     ) -> JobStatus:
         """Return the job's status once it is terminal, never starts, or has been UNKNOWN
         for ``unknown_timeout`` seconds. Raises :class:`PollGaveUp` after
         ``poll_outage_limit`` seconds without a good poll (the job cancelled first, if the
-        gateway answers) and :class:`HpcConfigError` when the connection is unusable."""
+        gateway answers) and :class:`HpcConfigError` when the connection is unusable.
+
+        ``on_status`` is called with the latest status of the still running job after each
+        poll that saw it, in the caller's own task (so a trigger's log lines carry that
+        trigger's context and land in its task's log, not in the poll loop's)."""
         fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(fut, unknown_timeout, poll_outage_limit)
         self.waiters.setdefault(job_id, []).append(waiter)
@@ -125,7 +137,20 @@ class StatusPoller:
             self._task = asyncio.create_task(self._loop())
         self._wake.set()
         try:
-            return await fut
+            if on_status is None:
+                return await fut
+            while True:
+                news = asyncio.ensure_future(waiter.news.wait())
+                try:
+                    await asyncio.wait({fut, news}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    news.cancel()
+                if waiter.news.is_set():
+                    waiter.news.clear()
+                    if waiter.latest is not None and not fut.done():
+                        on_status(waiter.latest)
+                if fut.done():
+                    return fut.result()
         finally:
             waiters = self.waiters.get(job_id, [])
             if waiter in waiters:
@@ -152,6 +177,9 @@ class StatusPoller:
             waiter.unknown_since = None
             if status.state.terminal or never_starts(status):
                 waiter.fut.set_result(status)
+            else:
+                waiter.latest = status
+                waiter.news.set()
 
     def _fail_all(self, exc: BaseException) -> None:
         for waiters in self.waiters.values():
@@ -269,6 +297,22 @@ class HpcJobTrigger(BaseTrigger):
         self.native_id = native_id
         self.unknown_timeout = unknown_timeout
         self.poll_outage_limit = poll_outage_limit
+        #: the progress (and array breakdown) lines last logged: a line is logged on change
+        self._progress_logged: tuple[str | None, str | None] = (None, None)
+
+    def _log_progress(self, status: JobStatus) -> None:
+        """Log the job's progress (and its array tasks') when it differs from the last line.
+
+        Called in this trigger's own asyncio task: the triggerer binds ``trigger_id`` to that
+        task's log context and routes what it logs into the task instance's log."""
+        line = describe(status.progress) if status.progress is not None else None
+        tasks = describe_tasks(status.array_progress) if status.array_progress else None
+        last_line, last_tasks = self._progress_logged
+        if line is not None and line != last_line:
+            self.log.info("progress: %s", line)
+        if tasks is not None and tasks != last_tasks:
+            self.log.info("array progress: %s", tasks)
+        self._progress_logged = (line or last_line, tasks or last_tasks)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -287,7 +331,8 @@ class HpcJobTrigger(BaseTrigger):
         poller = StatusPoller.get(self.hpc_conn_id, self.poll_interval)
         self.log.info("waiting for cluster job %s (%s)", self.job_id, self.native_id)
         try:
-            status = await poller.wait(self.job_id, self.unknown_timeout, self.poll_outage_limit)
+            status = await poller.wait(self.job_id, self.unknown_timeout, self.poll_outage_limit,
+                                       on_status=self._log_progress)
         except PollGaveUp as exc:
             yield TriggerEvent(
                 {"job_id": self.job_id, "native_id": self.native_id, "state": "UNKNOWN",
@@ -300,6 +345,7 @@ class HpcJobTrigger(BaseTrigger):
                  "error": str(exc), "cancelled": False}
             )
             return
+        self._log_progress(status)  # the final count
         yield TriggerEvent(status.model_dump(mode="json"))
 
     async def on_kill(self) -> None:

@@ -6,15 +6,17 @@ A scripted client stands in for the gateway; intervals are hundredths of a secon
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from hooks.hpc import HpcConfigError, HpcTransportError
-from hpc_jobs.protocol import CancelReply, JobState, JobStatus
+from hpc_jobs.protocol import CancelReply, JobState, JobStatus, Progress
 from operators.triggers import HpcJobTrigger, PollGaveUp, StatusPoller
 
 INTERVAL = 0.01
@@ -185,3 +187,106 @@ def test_trigger_event_for_a_terminal_job() -> None:
                      "reason": "scripted", "elapsed_s": None, "array_states": None,
                      "progress": None, "array_progress": None, "node": None,
                      "time_limit_s": None, "max_rss_mb": None}
+
+
+# -- progress lines -----------------------------------------------------------------------------
+#: Stands in for the triggerer's log context: Airflow binds ``trigger_id`` to each trigger's own
+#: asyncio task (structlog contextvars) and routes what is logged there into that task
+#: instance's log. A line logged from the shared poll loop would carry the wrong trigger's id.
+CURRENT_TRIGGER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trigger", default=None
+)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str | None, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((CURRENT_TRIGGER.get(), record.getMessage()))
+
+
+def _seconds(done: int, total: int = 4) -> Progress:
+    return Progress(done=done, total=total, unit="seconds", message="sleeping")
+
+
+class ProgressClient(ScriptedClient):
+    """Poll n answers ``script(n, job_id)``: (state, progress, array progress)."""
+
+    async def status(self, job_ids: list[str]) -> list[JobStatus]:
+        self.status_calls += 1
+        out = []
+        for job_id in job_ids:
+            state, progress, tasks = self.script(self.status_calls, job_id)
+            out.append(JobStatus(job_id=job_id, state=state, progress=progress,
+                                 array_progress=tasks))
+        return out
+
+
+def _run_triggers(client: ScriptedClient, job_ids: list[str]) -> _Recorder:
+    recorder = _Recorder()
+
+    async def one(job_id: str) -> None:
+        CURRENT_TRIGGER.set(job_id)  # what the triggerer binds in the trigger's task
+        trigger = HpcJobTrigger(job_id=job_id, hpc_conn_id="omeflow_tp", poll_interval=INTERVAL)
+        logger = logging.getLogger(f"omeflow.test.trigger.{job_id}")
+        logger.addHandler(recorder)
+        logger.setLevel(logging.INFO)
+        trigger._log = logger  # type: ignore[assignment]
+        async for _event in trigger.run():
+            return
+
+    async def both() -> None:
+        poller = StatusPoller.get("omeflow_tp", INTERVAL)
+        poller.client = client  # type: ignore[assignment]
+        await asyncio.gather(*(asyncio.create_task(one(j)) for j in job_ids))
+
+    _run(both())
+    return recorder
+
+
+def test_the_trigger_logs_progress_when_it_changes_not_on_every_poll() -> None:
+    counts = {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 2, 7: 2, 8: 3, 9: 3}
+
+    def script(n: int, job_id: str) -> tuple[JobState, Progress | None, None]:
+        if n >= 10:
+            return JobState.COMPLETED, _seconds(4), None
+        return JobState.RUNNING, (None if n == 1 else _seconds(counts[n])), None
+
+    recorder = _run_triggers(ProgressClient(script), ["j-p"])
+    progress = [line for _ctx, line in recorder.lines if line.startswith("progress:")]
+    assert progress == [
+        "progress: 0/4 seconds (0 %), sleeping",
+        "progress: 1/4 seconds (25 %), sleeping",
+        "progress: 2/4 seconds (50 %), sleeping",
+        "progress: 3/4 seconds (75 %), sleeping",
+        "progress: 4/4 seconds (100 %), sleeping",
+    ]
+
+
+def test_each_trigger_logs_its_own_jobs_progress_in_its_own_context() -> None:
+    """Two triggers share one poll; each job's lines are logged in its own trigger's task (so
+    the triggerer files them under the right task instance), array breakdown included."""
+
+    def script(n: int, job_id: str) -> tuple[JobState, Progress | None, dict | None]:
+        step = min(n, 4)
+        if job_id == "j-arr":
+            tasks = {"0": _seconds(step, 4), "1": _seconds(max(0, step - 1), 4)}
+            state = JobState.COMPLETED if n >= 6 else JobState.RUNNING
+            return state, _seconds(sum(p.done for p in tasks.values()), 8), tasks
+        return (JobState.COMPLETED if n >= 8 else JobState.RUNNING), _seconds(step * 10, 40), None
+
+    recorder = _run_triggers(ProgressClient(script), ["j-arr", "j-one"])
+    by_job: dict[str | None, list[str]] = {}
+    for context, line in recorder.lines:
+        by_job.setdefault(context, []).append(line)
+    assert set(by_job) == {"j-arr", "j-one"}, "a line was logged outside its trigger's task"
+    assert [x for x in by_job["j-one"] if x.startswith("progress:")] == [
+        f"progress: {k}/40 seconds ({k * 100 // 40} %), sleeping" for k in (10, 20, 30, 40)]
+    arr = [x for x in by_job["j-arr"] if x.startswith("array progress:")]
+    assert arr[0] == ("array progress: task 0: 1/4 seconds (25 %), sleeping; "
+                      "task 1: 0/4 seconds (0 %), sleeping")
+    assert arr[-1].startswith("array progress: task 0: 4/4 seconds (100 %)")
+    assert len(arr) == len(set(arr)) == 4, arr
+    assert all("8 seconds" in x for x in by_job["j-arr"] if x.startswith("progress:"))

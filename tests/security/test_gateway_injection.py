@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,6 +219,33 @@ HOSTILE_OTHER: list[tuple[str, str, bytes]] = [
     ("result-nested", "result", b'{"job_id": "ok-key", "name": "a/../../request.json"}'),
     ("result-secrets", "result", b'{"job_id": "ok-key", "name": "secrets.json"}'),
     ("result-link", "result", b'{"job_id": "ok-key", "name": "link.json"}'),
+    # the queue verb takes no fields at all
+    ("queue-extra-field", "queue", json.dumps({"user": f"$(touch {C})"}).encode()),
+    ("queue-job-ids", "queue", b'{"job_ids": ["ok-key"]}'),
+    ("queue-array-body", "queue", b'["ok-key"]'),
+    ("queue-string-body", "queue", json.dumps(f"; touch {C}").encode()),
+]
+
+#: ``cancel``'s ``by`` (the person who cancelled, from the UI): each must be refused before the
+#: gateway acts (the job keeps running, nothing is recorded).
+HOSTILE_BY: list[tuple[str, Any]] = [
+    ("by-subst", f"$(touch {C})"),
+    ("by-backticks", f"`touch {C}`"),
+    ("by-semicolon", f"jane; touch {C}"),
+    ("by-newline", "jane\nINFO cancelled by admin"),
+    ("by-space", "jane doe"),
+    ("by-slash", "../../etc/passwd"),
+    ("by-leading-dash", "-rf"),
+    ("by-leading-dot", ".hidden"),
+    ("by-empty", ""),
+    ("by-too-long", "a" * 65),
+    ("by-fullwidth", "\uff4a\uff41\uff4e\uff45"),
+    ("by-rtl-override", "jane\u202egnp.exe"),
+    ("by-nul", "jane\u0000root"),
+    ("by-int", 7),
+    ("by-list", ["jane"]),
+    ("by-object", {"name": "jane"}),
+    ("by-bool", True),
 ]
 
 
@@ -231,7 +260,7 @@ def ok_job(site: Path) -> Path:
 
 
 def test_battery_has_at_least_60_cases() -> None:
-    assert len(HOSTILE_VERBS) + len(HOSTILE_SUBMITS) + len(HOSTILE_OTHER) >= 60
+    assert len(HOSTILE_VERBS) + len(HOSTILE_SUBMITS) + len(HOSTILE_OTHER) + len(HOSTILE_BY) >= 80
     assert len(HOSTILE_CALLERS) >= 20
 
 
@@ -340,6 +369,32 @@ def _as_missing(reply: dict, job_id: str) -> str:
     return json.dumps(reply).replace(job_id, "<id>")
 
 
+@pytest.fixture(scope="module")
+def running_job(site: Path) -> Iterator[Path]:
+    """A job that runs while the hostile cancels try to touch it."""
+    proc = _call(site, "submit", sub(job_key="by-target", params={"sleep_s": 120}))
+    assert proc.returncode == 0, proc.stdout
+    yield site.parent / "jobs" / "by-target"
+    _call(site, "cancel", b'{"job_id": "by-target"}')
+
+
+@pytest.mark.parametrize(("name", "by"), HOSTILE_BY, ids=[n for n, _ in HOSTILE_BY])
+def test_hostile_cancel_by_is_refused_before_it_acts(
+    site: Path, running_job: Path, name: str, by: Any
+) -> None:
+    body = json.dumps({"job_id": "by-target", "by": by}).encode()
+    reply = _assert_refused(_call(site, "cancel", body), name)
+    assert reply["error"]["code"] == "BAD_REQUEST", reply
+    assert "by" in reply["error"]["message"], reply
+    assert not (running_job / "cancelled_by.json").exists(), f"{name}: recorded"
+
+
+def test_the_hostile_cancels_left_the_job_running(site: Path, running_job: Path) -> None:
+    status = json.loads(_call(site, "status", b'{"job_ids": ["by-target"]}').stdout)
+    assert status["jobs"][0]["state"] in ("PENDING", "RUNNING"), status
+    assert status["jobs"][0]["reason"] is None or "cancelled" not in status["jobs"][0]["reason"]
+
+
 def test_a_caller_cannot_see_or_touch_another_callers_job(site: Path, ok_job: Path) -> None:
     """alice's job looks exactly like a job that does not exist, to bob and to the default
     caller: status, log, result, cancel; and bob cannot take its key with a submit."""
@@ -353,6 +408,7 @@ def test_a_caller_cannot_see_or_touch_another_callers_job(site: Path, ok_job: Pa
                 ("log", '{"job_id": "%s"}'),
                 ("result", '{"job_id": "%s"}'),
                 ("cancel", '{"job_id": "%s"}'),
+                ("cancel", '{"job_id": "%s", "by": "mallory"}'),
             ):
                 theirs = _call(site, verb, (template % "alice-job").encode(), caller=intruder)
                 missing = _call(site, verb, (template % "never-was").encode(), caller=intruder)
@@ -369,10 +425,16 @@ def test_a_caller_cannot_see_or_touch_another_callers_job(site: Path, ok_job: Pa
         # the default caller's job is hidden from bob in the same way
         bobs = json.loads(_call(site, "status", b'{"job_ids": ["ok-key"]}', caller="bob").stdout)
         assert bobs["jobs"][0]["state"] == "UNKNOWN"
+        # the queue shows bob none of alice's jobs, and alice hers
+        for who, want in (("bob", set()), (None, set()), ("alice", {"alice-job"})):
+            queue = json.loads(_call(site, "queue", b"{}", caller=who).stdout)
+            assert {j["job_id"] for j in queue["jobs"]} & {"alice-job"} == want, (who, queue)
     finally:
         _call(site, "cancel", b'{"job_id": "alice-job"}', caller="alice")
     record = json.loads((site.parent / "jobs" / "alice-job" / "job.json").read_text())
     assert record["caller"] == "alice"
+    assert not (site.parent / "jobs" / "alice-job" / "cancelled_by.json").exists(), \
+        "mallory's cancel of alice's job was recorded"
     audit = SiteConfig.load(site).audit_path.read_text().splitlines()
     callers = {json.loads(line).get("caller") for line in audit}
     assert {"alice", "bob", "local"} <= callers

@@ -1,4 +1,5 @@
-"""HPC in a box: munge, Slurm and an sshd on 127.0.0.1, for tests and demos.
+"""HPC in a box: munge, Slurm with accounting (slurmdbd, MariaDB) and an sshd on 127.0.0.1,
+for tests and demos.
 
 ``python -m hpc_jobs.sandbox start|stop|status|env|fix-permissions`` or
 ``omeflow sandbox ...`` (root only for everything but ``env``). ``start`` is idempotent;
@@ -44,11 +45,11 @@ def sandbox_env() -> dict[str, Any]:
 
 
 def is_running() -> bool:
-    """True when slurmctld, slurmd and the sandbox sshd are all alive."""
+    """True when slurmctld, slurmd, accounting (slurmdbd, MariaDB) and the sshd are alive."""
     from hpc_jobs.sandbox.setup import status
 
     st = status()
-    return all(st[k] for k in ("slurmctld", "slurmd", "sshd"))
+    return all(st[k] for k in ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "sshd"))
 
 
 def fix_permissions() -> None:

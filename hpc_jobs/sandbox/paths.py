@@ -23,6 +23,8 @@ SLURMCTLD_PID = SLURM_DIR / "slurmctld.pid"
 SLURMD_PID = SLURM_DIR / "slurmd.pid"
 SLURMCTLD_LOG = SLURM_DIR / "slurmctld.log"
 SLURMD_LOG = SLURM_DIR / "slurmd.log"
+SLURMDBD_PID = SLURM_DIR / "slurmdbd.pid"
+SLURMDBD_LOG = SLURM_DIR / "slurmdbd.log"
 RUN_DIR = ROOT / "run"
 #: munged pid file, written only when the sandbox started munged itself.
 MUNGED_PID = RUN_DIR / "munged.pid"
@@ -31,7 +33,20 @@ MUNGED_LOG = RUN_DIR / "munged.log"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 SLURMCTLD_STATE = Path("/var/spool/slurmctld")
 SLURMD_SPOOL = Path("/var/spool/slurmd")
+SLURMDBD_CONF = Path("/etc/slurm/slurmdbd.conf")
+SLURMDBD_PORT = 6819
 MUNGE_KEY = Path("/etc/munge/munge.key")
+
+#: MariaDB for slurmdbd: Debian's data directory (the package initialises it), no TCP
+#: listener at all (``--skip-networking``); clients reach it on Debian's default socket.
+MARIADB_DATADIR = Path("/var/lib/mysql")
+MARIADB_RUN = Path("/run/mysqld")
+MARIADB_SOCKET = MARIADB_RUN / "mysqld.sock"
+MARIADB_PID = MARIADB_RUN / "mariadbd.pid"
+MARIADB_LOG = Path("/var/log/mysql/omeflow-sandbox.err")
+#: slurmdbd's database and its MariaDB user (password: StoragePass in SLURMDBD_CONF only).
+ACCT_DB = "slurm_acct_db"
+ACCT_DB_USER = "slurm"
 
 #: The cluster-side Python (must be readable by the service user: not under /root).
 HPC_PREFIX = Path("/opt/omeflow-hpc")
@@ -47,4 +62,6 @@ HOST = "127.0.0.1"
 SSH_PORT = 2222
 PARTITION = "debug"
 CLUSTER = "omeflow-sandbox"
-APT_PACKAGES = ("slurm-wlm", "munge", "openssh-server", "python3-venv")
+APT_PACKAGES = (
+    "slurm-wlm", "munge", "openssh-server", "python3-venv", "slurmdbd", "mariadb-server",
+)

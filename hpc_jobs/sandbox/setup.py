@@ -1,8 +1,9 @@
 """The steps of ``omeflow sandbox start`` / ``stop``. Each step is idempotent.
 
-Runs as root on a Debian machine: apt packages, munge, Slurm (slurmctld + slurmd on
-127.0.0.1), the ``omeflow`` service user, the cluster-side venv, the site config, and an sshd
-on 127.0.0.1:2222 whose only key for ``omeflow`` is the forced gateway command.
+Runs as root on a Debian machine: apt packages, munge, Slurm accounting (MariaDB on a socket
+and slurmdbd, see ``accounting.py``), Slurm (slurmctld + slurmd on 127.0.0.1), the ``omeflow``
+service user, the cluster-side venv, the site config, and an sshd on 127.0.0.1:2222 whose only
+key for ``omeflow`` is the forced gateway command.
 """
 
 from __future__ import annotations
@@ -197,14 +198,19 @@ SlurmdPort=6818
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
+# Accounting: slurmdbd (MariaDB) keeps every job's final state, exit code, elapsed, MaxRSS.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort={P.SLURMDBD_PORT}
+JobAcctGatherType=jobacct_gather/linux
+# Sample each task's memory every second (Slurm's default, 30 s, misses short peaks).
+JobAcctGatherFrequency=task=1
 JobCompType=jobcomp/none
 MailProg=/bin/true
 # Jobs that ask for no memory get 1 GiB per CPU (not the whole node), so several run at once.
 DefMemPerCPU=1024
-# Finished jobs stay visible to scontrol for an hour (accounting is off).
-MinJobAge=3600
+# Slurm's default: finished jobs leave slurmctld after 5 minutes; sacct has them for good.
+MinJobAge=300
 OverTimeLimit=0
 KillWait=5
 InactiveLimit=0
@@ -221,14 +227,20 @@ def _node_state() -> str:
     return proc.stdout.strip().lower() if proc.returncode == 0 else ""
 
 
-def ensure_slurm() -> None:
-    """Write slurm.conf, start slurmctld and slurmd, wait for the node to be usable."""
+def write_slurm_conf() -> bool:
+    """Write slurm.conf (the accounting tools read it too); True when it changed."""
     text = slurm_conf_text()
     P.SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
     changed = not P.SLURM_CONF.exists() or P.SLURM_CONF.read_text() != text
     if changed:
         P.SLURM_CONF.write_text(text)
         P.SLURM_CONF.chmod(0o644)
+    return changed
+
+
+def ensure_slurm(changed: bool) -> None:
+    """Start slurmctld and slurmd (restarted when slurm.conf ``changed``), wait for the node
+    to be usable."""
     for d in (P.SLURM_DIR, P.SLURMCTLD_STATE, P.SLURMD_SPOOL):
         d.mkdir(parents=True, exist_ok=True)
     if changed:  # daemons must re-read the file
@@ -470,11 +482,15 @@ def ensure_sshd() -> None:
 
 def start() -> None:
     """Bring the whole sandbox up (idempotent)."""
+    from hpc_jobs.sandbox import accounting
+
     require_root()
     t0 = time.monotonic()
     ensure_packages()
     ensure_munge()
-    ensure_slurm()
+    changed = write_slurm_conf()
+    accounting.ensure_accounting()
+    ensure_slurm(changed)
     pw = ensure_user()
     ensure_venv()
     ensure_dirs(pw)
@@ -485,16 +501,20 @@ def start() -> None:
 
 def stop() -> list[str]:
     """Stop every daemon the sandbox started; returns their names."""
+    from hpc_jobs.sandbox import accounting
+
     require_root()
     stopped = []
     for name, pidfile in (
         ("sshd", P.SSHD_PID),
         ("slurmd", P.SLURMD_PID),
         ("slurmctld", P.SLURMCTLD_PID),
-        ("munged", P.MUNGED_PID),
     ):
         if stop_pid(pidfile, name):
             stopped.append(name)
+    stopped += accounting.stop_accounting()
+    if stop_pid(P.MUNGED_PID, "munged"):
+        stopped.append("munged")
     return stopped
 
 
@@ -502,6 +522,8 @@ def status() -> dict[str, int | None]:
     """pid (or None) of each sandbox daemon."""
     return {
         "munged": pid_alive(P.MUNGED_PID, "munged"),
+        "mariadbd": pid_alive(P.MARIADB_PID, "mariadbd"),
+        "slurmdbd": pid_alive(P.SLURMDBD_PID, "slurmdbd"),
         "slurmctld": pid_alive(P.SLURMCTLD_PID, "slurmctld"),
         "slurmd": pid_alive(P.SLURMD_PID, "slurmd"),
         "sshd": pid_alive(P.SSHD_PID, "sshd"),

@@ -2,10 +2,11 @@
 
 Every call is an argv list with a timeout and an explicit, minimal environment
 (:func:`~hpc_jobs.schedulers.base.scheduler_env`; never a shell). ``status`` for any number of jobs
-costs one ``squeue`` call (the caller's own live jobs) plus, for jobs squeue no longer lists
-(or arrays, to count finished tasks), one ``sacct`` call when accounting is on, else one
-``scontrol show job -o``. Parsing lives in pure functions so it is tested on real output
-captured from the sandbox (tests/data/slurm/).
+costs one ``squeue`` call (the caller's own live jobs: state, node, elapsed, time limit) plus,
+for jobs squeue no longer lists (or arrays, to count finished tasks), one ``sacct`` call when
+accounting is on (final state, exit code, elapsed, node, time limit and MaxRSS from the batch
+step), else one ``scontrol show job -o``. ``queue`` is one ``squeue`` call. Parsing lives in
+pure functions so it is tested on real output captured from the sandbox (tests/data/slurm/).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import pwd
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,15 +24,28 @@ from hpc_jobs.protocol import JobState, Resources
 from hpc_jobs.schedulers.base import (
     JobSpec,
     NativeStatus,
+    QueuedJob,
     SchedulerError,
     SchedulerTimeout,
     scheduler_env,
 )
 
 #: squeue output: one line per job / array task (``-r``), ``|``-separated; name last.
-SQUEUE_FORMAT = "%i|%F|%K|%T|%r|%M|%N|%j"
-#: sacct fields (``--parsable2`` = ``|``-separated, no trailing ``|``).
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NodeList,Reason"
+#: id, array job id, array task id, state, reason, elapsed, time limit, nodes, name.
+SQUEUE_FORMAT = "%i|%F|%K|%T|%r|%M|%l|%N|%j"
+#: ``queue``: id (``123_[4-7]`` for pending array tasks), state, reason, nodes, partition,
+#: elapsed, time limit, submit time, name (last: the only free-text field).
+QUEUE_FORMAT = "%i|%T|%r|%N|%P|%M|%l|%V|%j"
+#: sacct fields (``--parsable2`` = ``|``-separated, no trailing ``|``). Allocation lines carry
+#: state, exit code, elapsed, nodes and time limit; MaxRSS is only on step lines (``.batch``).
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NodeList,Reason,Timelimit,MaxRSS"
+#: What Slurm's controller gives as the reason of these final states; sacct keeps no reason
+#: for finished jobs ("None"), so the same words are filled in from the state.
+_FINAL_REASONS = {
+    JobState.FAILED: "NonZeroExitCode",
+    JobState.TIMEOUT: "TimeLimit",
+    JobState.OUT_OF_MEMORY: "OutOfMemory",
+}
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -68,6 +83,8 @@ class TaskRecord:
     nodes: str | None = None
     name: str | None = None
     count: int = 1  # tasks this record stands for
+    time_limit_s: float | None = None
+    max_rss_mb: float | None = None  # from the job's steps (sacct only)
 
     @property
     def is_array(self) -> bool:
@@ -82,6 +99,15 @@ def parse_duration(text: str) -> float | None:
         return None
     days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
     return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def parse_memory_mb(text: str) -> float | None:
+    """sacct's ``212960K`` / ``1.50G`` / ``0`` (units of 1024; bare = bytes) -> MiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)", (text or "").strip())
+    if not m:
+        return None
+    power = {"": -2, "K": -1, "M": 0, "G": 1, "T": 2, "P": 3}[m.group(2)]
+    return float(m.group(1)) * 1024.0**power
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
@@ -116,10 +142,10 @@ def parse_squeue(text: str) -> list[TaskRecord]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", 7)
-        if len(parts) != 8:
+        parts = line.split("|", 8)
+        if len(parts) != 9:
             raise SchedulerError(f"unexpected squeue line (format changed?): {line!r}")
-        jobid, array_job, task, state, reason, used, nodes, name = parts
+        jobid, array_job, task, state, reason, used, limit, nodes, name = parts
         is_array = _clean(task) is not None
         records.append(
             TaskRecord(
@@ -132,45 +158,55 @@ def parse_squeue(text: str) -> list[TaskRecord]:
                 nodes=_clean(nodes),
                 name=name,
                 count=count_tasks(task) if is_array else 1,
+                time_limit_s=parse_duration(limit),
             )
         )
     return records
 
 
 def parse_sacct(text: str) -> list[TaskRecord]:
-    """Parse ``sacct --parsable2 --noheader -X -o SACCT_FIELDS`` output.
+    """Parse ``sacct --parsable2 --noheader -o SACCT_FIELDS`` output.
 
     Job ids look like ``123``, ``123_4`` (an array task) or ``123_[5-7]`` (pending tasks);
-    step lines (``123.batch``) are skipped in case ``-X`` was not given.
+    step lines (``123.batch``, ``123_4.batch``) are not jobs: their MaxRSS becomes the
+    job's (the largest step's).
     """
-    records = []
+    records: dict[str, TaskRecord] = {}
+    step_rss: dict[str, float] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
         parts = line.split("|")
-        if len(parts) != 7:
+        if len(parts) != 9:
             raise SchedulerError(f"unexpected sacct line (format changed?): {line!r}")
-        jobid, name, state, exit_code, elapsed, nodes, reason = parts
+        jobid, name, state_text, exit_code, elapsed, nodes, reason, limit, rss = parts
         if "." in jobid:
+            owner = jobid.split(".", 1)[0]
+            mb = parse_memory_mb(rss)
+            if mb is not None:
+                step_rss[owner] = max(mb, step_rss.get(owner, 0.0))
             continue
         base, _, task = jobid.partition("_")
         code, sig = parse_exit_code(exit_code)
-        records.append(
-            TaskRecord(
-                job_id=base,
-                state=JobState.parse(state),
-                raw_state=state,
-                task_id=task.strip("[]") or None,
-                exit_code=code,
-                signal=sig,
-                elapsed_s=parse_duration(elapsed),
-                reason=_clean(reason),
-                nodes=_clean(nodes) if _clean(nodes) != "None assigned" else None,
-                name=name,
-                count=count_tasks(task) if task else 1,
-            )
+        state = JobState.parse(state_text)
+        records[jobid] = TaskRecord(
+            job_id=base,
+            state=state,
+            raw_state=state_text,
+            task_id=task.strip("[]") or None,
+            exit_code=code,
+            signal=sig,
+            elapsed_s=parse_duration(elapsed),
+            reason=_clean(reason) or _FINAL_REASONS.get(state),
+            nodes=_clean(nodes) if _clean(nodes) != "None assigned" else None,
+            name=name,
+            count=count_tasks(task) if task else 1,
+            time_limit_s=parse_duration(limit),
         )
-    return records
+    for jobid, mb in step_rss.items():
+        if jobid in records:
+            records[jobid].max_rss_mb = mb
+    return list(records.values())
 
 
 def _scontrol_fields(line: str) -> dict[str, str]:
@@ -212,6 +248,7 @@ def parse_scontrol(text: str) -> list[TaskRecord]:
                 nodes=_clean(f.get("NodeList")),
                 name=f.get("JobName"),
                 count=count_tasks(task) if task else 1,
+                time_limit_s=parse_duration(f.get("TimeLimit", "")),
             )
         )
     return records
@@ -229,9 +266,18 @@ def _reason(rec: TaskRecord) -> str | None:
         bits.append(rec.reason)
     if rec.signal:
         bits.append(f"signal {rec.signal}")
-    if rec.nodes:
-        bits.append(f"nodes={rec.nodes}")
     return ", ".join(bits) or None
+
+
+def _nodes(recs: Iterable[TaskRecord]) -> str | None:
+    """The distinct node lists of some records, in order, comma-joined."""
+    seen = dict.fromkeys(r.nodes for r in recs if r.nodes)
+    return ",".join(seen) or None
+
+
+def _largest(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def aggregate(records: Iterable[TaskRecord]) -> dict[str, NativeStatus]:
@@ -239,8 +285,9 @@ def aggregate(records: Iterable[TaskRecord]) -> dict[str, NativeStatus]:
 
     Plain jobs map directly. Arrays: any live task -> the most active live state; else all
     COMPLETED -> COMPLETED; else the worst failure (see ``_SEVERITY``). ``array_states``
-    counts tasks per state; ``elapsed_s`` is the longest task; ``exit_code`` comes from the
-    task that decided the state.
+    counts tasks per state; ``elapsed_s``, ``time_limit_s`` and ``max_rss_mb`` are the largest
+    over tasks; ``node`` lists every node a task ran on; ``exit_code`` comes from the task that
+    decided the state.
     """
     by_id: dict[str, list[TaskRecord]] = {}
     for rec in records:
@@ -254,6 +301,9 @@ def aggregate(records: Iterable[TaskRecord]) -> dict[str, NativeStatus]:
                 exit_code=_exit_code(rec) if rec.state.terminal else None,
                 reason=_reason(rec),
                 elapsed_s=rec.elapsed_s,
+                node=rec.nodes,
+                time_limit_s=rec.time_limit_s,
+                max_rss_mb=rec.max_rss_mb,
             )
             continue
         counts: dict[str, int] = {}
@@ -284,8 +334,46 @@ def aggregate(records: Iterable[TaskRecord]) -> dict[str, NativeStatus]:
             reason=_reason(decider),
             elapsed_s=max(elapsed) if elapsed else None,
             array_states=counts,
+            node=_nodes(recs),
+            time_limit_s=_largest(r.time_limit_s for r in recs),
+            max_rss_mb=_largest(r.max_rss_mb for r in recs),
         )
     return out
+
+
+def parse_queue(text: str) -> list[QueuedJob]:
+    """Parse ``squeue -h -o QUEUE_FORMAT`` output into :class:`QueuedJob` (one per line:
+    a job, a running array task, or a range of pending array tasks)."""
+    jobs = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", 8)
+        if len(parts) != 9:
+            raise SchedulerError(f"unexpected squeue line (format changed?): {line!r}")
+        jobid, state, reason, nodes, partition, used, limit, submitted, name = parts
+        jobs.append(
+            QueuedJob(
+                native_id=jobid.strip(),
+                name=name,
+                state=JobState.parse(state),
+                reason=_clean(reason),
+                node=_clean(nodes),
+                partition=_clean(partition),
+                elapsed_s=parse_duration(used),
+                time_limit_s=parse_duration(limit),
+                submitted_at=parse_timestamp(submitted),
+            )
+        )
+    return jobs
+
+
+def parse_timestamp(text: str) -> float | None:
+    """Slurm's ``2026-11-21T23:25:31`` (the cluster's local time) -> Unix time."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def parse_sbatch(text: str) -> str:
@@ -413,8 +501,9 @@ class SlurmScheduler:
 
     def _finished(self, ids: list[str]) -> list[TaskRecord]:
         if self.accounting_enabled():
+            # no -X: the .batch step lines carry MaxRSS
             proc = self._run(
-                ["sacct", "--parsable2", "--noheader", "-X", f"--jobs={','.join(ids)}",
+                ["sacct", "--parsable2", "--noheader", f"--jobs={','.join(ids)}",
                  f"--format={SACCT_FIELDS}"]
             )
             return parse_sacct(proc.stdout)
@@ -430,6 +519,11 @@ class SlurmScheduler:
         proc = self._run(["scancel", str(native_id)], check=False)
         if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
             raise SchedulerError(f"scancel failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+    def queue(self) -> list[QueuedJob]:
+        """This account's pending and running jobs (squeue's default states), one call."""
+        proc = self._run(["squeue", "-h", "-u", self._user(), "-o", QUEUE_FORMAT])
+        return parse_queue(proc.stdout)
 
     def find_by_name(self, name: str) -> str | None:
         """Newest job of this user with this name still known to slurmctld (any state)."""

@@ -15,6 +15,12 @@ Example::
     kind = "omero"                      # or "local"
     host = "omero.example.org"
     port = 4064
+    route = "direct"                    # or "reverse_tunnel" (compute nodes without network)
+
+    [tunnel]                            # only for route = "reverse_tunnel" (hpc_jobs/tunnel.py)
+    key = "/home/omeflow/.ssh/omeflow_tunnel"
+    known_hosts = "/etc/omeflow/node_known_hosts"
+    listen_port = 14064
 
     [slurm]
     partition = "cpu"
@@ -26,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -67,6 +74,10 @@ class StoreConfig(_Cfg):
     #: PEM file of the CA that signed the OMERO server's certificate. Set it and jobs verify
     #: the server before sending their session key (docs/omero.md, "TLS").
     ca_file: Path | None = None
+    #: How jobs reach OMERO: ``direct`` (compute nodes connect to host:port themselves) or
+    #: ``reverse_tunnel`` (the login node opens an SSH reverse forward to the job's node and
+    #: jobs connect to ``127.0.0.1:<tunnel.listen_port>``; see :mod:`hpc_jobs.tunnel`).
+    route: Literal["direct", "reverse_tunnel"] = "direct"
 
     @model_validator(mode="after")
     def _complete(self) -> StoreConfig:
@@ -75,6 +86,54 @@ class StoreConfig(_Cfg):
         if self.kind == "omero" and not self.host:
             raise ValueError('store.kind = "omero" needs store.host')
         return self
+
+
+#: A host name or address as ssh gets it (no leading '-': never read as an option).
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}")
+#: A POSIX user name.
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+class TunnelConfig(_Cfg):
+    """The reverse tunnel (``store.route = "reverse_tunnel"``): how the login node's keeper
+    (:mod:`hpc_jobs.tunnel_keeper`) reaches a compute node and where jobs find the forward."""
+
+    #: Private key the keeper logs in to compute nodes with (its public half is in the
+    #: nodes' authorized_keys, restricted to this one forward: docs in hpc_jobs/tunnel.py).
+    key: Path
+    #: known_hosts file with the compute nodes' host keys (checked strictly).
+    known_hosts: Path
+    #: User on the compute nodes (default: the keeper's own user).
+    node_user: str | None = Field(default=None, pattern=USER_RE.pattern)
+    #: How the login node addresses a node: ``{node}`` is the node's name (``SLURMD_NODENAME``),
+    #: e.g. ``"{node}-ib.cluster"``.
+    node_address: str = "{node}"
+    #: The nodes' sshd port.
+    ssh_port: int = Field(default=22, ge=1, le=65535)
+    #: The loopback port the forward listens on on each node; jobs connect to 127.0.0.1 there.
+    listen_port: int = Field(default=14064, ge=1024, le=65535)
+    #: How long a job waits for its node's forward before it gives up (exit 75: retried).
+    open_timeout_s: float = Field(default=60, gt=0, le=3600)
+    #: The keeper exits after this long with no job waiting, running or forwarded.
+    idle_exit_s: float = Field(default=300, ge=0, le=86_400)
+    #: Where the keeper's ssh control sockets live on the login node (local disk; default
+    #: ``/tmp/omeflow-tunnel-<uid>``, created 0700 and checked to be the keeper's own).
+    control_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _address(self) -> TunnelConfig:
+        if HOST_RE.fullmatch(self.node_address.replace("{node}", "node")) is None:
+            raise ValueError(
+                f"tunnel.node_address {self.node_address!r} is not a host name template: use "
+                'letters, digits, ".", "-" and "{node}" (e.g. "{node}-ib.cluster")'
+            )
+        return self
+
+    def address_of(self, node: str) -> str:
+        """The ssh destination of ``node`` (validated: never an ssh option)."""
+        if HOST_RE.fullmatch(node) is None:
+            raise ValueError(f"node name {node!r} is not a host name")
+        return self.node_address.replace("{node}", node)
 
 
 class SlurmConfig(_Cfg):
@@ -142,6 +201,7 @@ class SiteConfig(_Cfg):
     store: StoreConfig
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    tunnel: TunnelConfig | None = None
 
     @classmethod
     def local(cls, root: Path) -> SiteConfig:
@@ -154,6 +214,27 @@ class SiteConfig(_Cfg):
             python=Path(sys.executable),
             store=StoreConfig(kind="local", path=root / "store"),
         )
+
+    @model_validator(mode="after")
+    def _route_complete(self) -> SiteConfig:
+        if self.store.route != "reverse_tunnel":
+            return self
+        if self.store.kind != "omero":
+            raise ValueError(
+                'store.route = "reverse_tunnel" is for store.kind = "omero" (the local store '
+                'opens no connection); use route = "direct"'
+            )
+        if self.scheduler != "slurm":
+            raise ValueError(
+                'store.route = "reverse_tunnel" needs scheduler = "slurm" (local jobs run on '
+                'the login node itself: use route = "direct")'
+            )
+        if self.tunnel is None:
+            raise ValueError(
+                'store.route = "reverse_tunnel" needs a [tunnel] table with at least key and '
+                "known_hosts (see hpc_jobs/tunnel.py)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _audit_outside_job_keys(self) -> SiteConfig:
@@ -232,6 +313,9 @@ class SiteConfig(_Cfg):
         models = self.models.model_copy(update={"cellpose": fix(self.models.cellpose),
                                                  "classifier": fix(self.models.classifier)})
         slurm = self.slurm.model_copy(update={"conf": fix(self.slurm.conf)})
+        tunnel = self.tunnel and self.tunnel.model_copy(
+            update={k: fix(getattr(self.tunnel, k)) for k in ("key", "known_hosts", "control_dir")}
+        )
         return self.model_copy(
             update={
                 "job_root": fix(self.job_root),
@@ -241,6 +325,7 @@ class SiteConfig(_Cfg):
                 "store": store,
                 "slurm": slurm,
                 "models": models,
+                "tunnel": tunnel,
             }
         )
 
@@ -259,10 +344,17 @@ class SiteConfig(_Cfg):
             lines.append(f'path = "{self.store.path}"')
         if self.store.host:
             lines += [f'host = "{self.store.host}"', f"port = {self.store.port}"]
+        if self.store.route != "direct":
+            lines.append(f'route = "{self.store.route}"')
         lines += ["", "[slurm]"]
         for key, value in self.slurm.model_dump(exclude_none=True).items():
             lines.append(f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"')
         models = self.models.model_dump(exclude_none=True)
         if models:
             lines += ["", "[models]", *(f'{k} = "{v}"' for k, v in models.items())]
+        if self.tunnel is not None:
+            lines += ["", "[tunnel]"]
+            for key, value in self.tunnel.model_dump(exclude_none=True).items():
+                text = f'"{value}"' if isinstance(value, (str, Path)) else str(value)
+                lines.append(f"{key} = {text}")
         return "\n".join(lines) + "\n"

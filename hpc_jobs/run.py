@@ -29,6 +29,7 @@ from hpc_jobs.protocol import EXIT_RETRY_LATER, Resources
 from hpc_jobs.registry import get_step
 from hpc_jobs.steps.base import StepContext
 from hpc_jobs.stores.base import StoreError
+from hpc_jobs.tunnel import JobRoute, route_job
 
 
 def _array_task() -> tuple[int | None, int | None]:
@@ -59,6 +60,7 @@ def main(job_dir: str | Path) -> int:
     task_id, task_count = _array_task()
     code = 1
     site: SiteConfig | None = None
+    route: JobRoute | None = None
     try:
         request = job.read_request()
         site = SiteConfig.load(request["site_config"])
@@ -66,6 +68,8 @@ def main(job_dir: str | Path) -> int:
         if spec is None:
             raise RuntimeError(f"step {request['step']!r} is not registered on this node")
         params = spec.params_model.model_validate(request["params"])
+        # the store's host:port as this node reaches it (the reverse tunnel's, if the site uses it)
+        site, route = route_job(site, task_id, spec.needs_store)
         ctx = StepContext(
             job_dir=job.path,
             site=site,
@@ -97,5 +101,7 @@ def main(job_dir: str | Path) -> int:
     finally:
         if task_id is None and site is not None:
             _retire_session(job, site)
+        if route is not None:
+            route.release()
     job.write_exit_marker(code, time.time() - started, task_id)
     return code

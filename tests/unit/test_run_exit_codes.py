@@ -55,6 +55,7 @@ def test_exit_status_says_whether_a_retry_can_help(
     class Failing:
         name = spec.name
         params_model = spec.params_model
+        needs_store = spec.needs_store
 
         @staticmethod
         def entry(params: Any, ctx: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 - ``fastapi_apps``: a small FastAPI app mounted at :data:`URL_PREFIX` (``/omeflow``) with the
   HPC jobs page (:mod:`hpc_jobs_page`: jobs, job view with the live log, cancel, the cluster
-  queue) and the annotation page (:mod:`annotation_page`). Airflow 3 gives plugin apps no
-  authentication: every route of both enforces it itself.
+  queue), the annotation page (:mod:`annotation_page`) and the run-link page
+  (:mod:`run_link`: ``/omeflow/run/<dag_id>?image=…`` starts a run in two clicks). Airflow 3
+  gives plugin apps no authentication: every route enforces it itself.
 - ``external_views``: nav entries "HPC jobs" and "Annotate" that frame the pages in the UI.
 - ``operator_extra_links``: "Cluster job log" on ``HpcStepOperator`` (and its subclasses known
   when the plugin loads) → the job view (status, progress, live log, cancel) of the task try.
@@ -20,6 +21,7 @@ from annotation_page import router as annotation_router
 from fastapi import FastAPI
 from hpc_jobs_data import HPC_JOB_XCOM, URL_PREFIX, has_hpc_job, log_path
 from hpc_jobs_page import router as jobs_router
+from run_link import router as run_link_router
 
 from operators.hpc_step import HpcStepOperator
 
@@ -38,6 +40,7 @@ app = FastAPI(
 )
 app.include_router(jobs_router)
 app.include_router(annotation_router)
+app.include_router(run_link_router)
 
 
 # ------------------------------------------------------------------------------------------------

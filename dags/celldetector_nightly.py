@@ -118,7 +118,8 @@ with DAG(
     def per_image(image_id: int) -> None:
         """check → export → segment → ecdf → predict → writeback for one image."""
         check = StepOperator(task_id=CHECK_IMAGES, step=CHECK_IMAGES,
-                             image_ids=one_image(image_id), need_tissue=True,
+                             image_ids=one_image(image_id), dataset=None, tag=None,
+                             need_tissue=True,
                              **_step_args(CHECK_IMAGES))
         export = ExportZarrOperator(task_id=EXPORT_ZARR, image_id=image_id,
                                     **_step_args(EXPORT_ZARR))

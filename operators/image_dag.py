@@ -49,7 +49,7 @@ def image_dag(
         description=description,
         doc_md=doc_md,
         params={
-            **step_form([CHECK_IMAGES, *steps], exclude=filled, defaults={"image_ids": [1]}),
+            **step_form([CHECK_IMAGES, *steps], exclude=filled),
             **dag_only_params,
         },
         **IMAGE_DAG_SETTINGS,
@@ -58,7 +58,8 @@ def image_dag(
 
 def check_images(*, steps: Sequence[str], filled: Collection[str], need_tissue: Any
                  ) -> StepOperator:
-    """The run's first task: every image checked in seconds (exists, channels in range, a
+    """The run's first task: the images picked (ids, a dataset, a tag; the log says how many
+    matched and which) and every one checked in seconds (exists, channels in range, a
     tissue ROI when ``need_tissue``), each problem named with its fix; before it, the run's
     params are validated with every step model at once (cross-field rules such as ``halo >=
     2 x diameter`` fail here, not hours later when the step that needs them starts)."""

@@ -49,22 +49,29 @@ def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
     return {k: _inline_refs(v, defs) for k, v in node.items()}
 
 
-def _nullable_as_type_list(schema: dict[str, Any]) -> dict[str, Any]:
-    """``{"anyOf": [X, {"type": "null"}]}`` as ``{**X, "type": [X.type, "null"]}``.
+def _any_of_as_type_list(schema: dict[str, Any]) -> dict[str, Any]:
+    """``{"anyOf": [X, Y, ...]}`` of single-type options as ``{**X, **Y, "type": [X.type,
+    Y.type, ...]}`` (e.g. an optional integer: ``"type": ["integer", "null"]``).
 
-    The same set of values (X's keywords only constrain values of X's type), but a form the
-    Airflow UI can render: it picks the input widget from ``type`` and ignores ``anyOf``.
-    Anything else is returned unchanged.
+    The same set of values as long as no two options share a type or a keyword (JSON Schema's
+    keywords only constrain values of their own type: ``minimum`` numbers, ``minLength``
+    strings), but a form the Airflow UI can render: it picks the input widget from ``type``
+    and ignores ``anyOf``. Anything else is returned unchanged.
     """
     options = schema.get("anyOf")
-    null = {"type": "null"}
-    if not isinstance(options, list) or len(options) != 2 or null not in options:
+    if not isinstance(options, list) or len(options) < 2:
         return schema
-    other = options[0] if options[1] == null else options[1]
     outer = {k: v for k, v in schema.items() if k != "anyOf"}
-    if not isinstance(other.get("type"), str) or set(other) & set(outer):
-        return schema
-    return {**other, **outer, "type": [other["type"], "null"]}
+    merged: dict[str, Any] = {}
+    types: list[str] = []
+    for option in options:
+        kind = option.get("type") if isinstance(option, dict) else None
+        keywords = set(option) - {"type"} if isinstance(option, dict) else set()
+        if not isinstance(kind, str) or kind in types or keywords & (set(merged) | set(outer)):
+            return schema
+        types.append(kind)
+        merged.update({k: v for k, v in option.items() if k != "type"})
+    return {**merged, **outer, "type": types}
 
 
 def field_schema(model: type[BaseModel], field: str) -> dict[str, Any]:
@@ -79,7 +86,7 @@ def field_schema(model: type[BaseModel], field: str) -> dict[str, Any]:
             f"{', '.join(model.model_fields)}"
         ) from None
     schema = _inline_refs(schema, full.get("$defs", {}))
-    return _nullable_as_type_list({k: v for k, v in schema.items() if k not in _NOT_SCHEMA})
+    return _any_of_as_type_list({k: v for k, v in schema.items() if k not in _NOT_SCHEMA})
 
 
 def field_default(model: type[BaseModel], field: str) -> Any:

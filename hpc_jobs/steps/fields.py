@@ -16,6 +16,18 @@ from pydantic import Field
 #: An image in the image store (OMERO ids start at 1).
 ImageId = Annotated[int, Field(ge=1, description="Image id in the image store.")]
 
+#: A dataset in the image store whose images a run takes (OMERO dataset id).
+DatasetId = Annotated[
+    Annotated[int, Field(ge=1)] | None,
+    Field(description="Dataset id in the image store: take every image in it."),
+]
+
+#: A tag whose images a run takes: its annotation id, or its text (every tag with that text).
+TagRef = Annotated[
+    Annotated[int, Field(ge=1)] | Annotated[str, Field(min_length=1, max_length=255)] | None,
+    Field(description="Tag (annotation id, or its text): take every image carrying it."),
+]
+
 #: The nuclear stain channel (the lab's DAPI is channel 0).
 DapiChannel = Annotated[
     int, Field(ge=0, le=255, description="Channel index of the nuclear stain (DAPI).")

@@ -16,19 +16,14 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from hpc_jobs.steps.base import StepContext, StepParams
-from hpc_jobs.steps.fields import ModelName
-
-#: A tag: its id, or its text (every tag annotation with that text).
-TagRef = Annotated[int, Field(ge=1)] | Annotated[str, Field(min_length=1, max_length=255)]
+from hpc_jobs.steps.fields import DatasetId, ModelName, TagRef
 
 
 class Params(StepParams):
     """Parameters of ``find_images``."""
 
-    dataset: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Dataset id whose images to consider.")
-    tag: TagRef | None = Field(
-        None, description="Tag (annotation id, or its text) whose images to consider.")
+    dataset: DatasetId = None
+    tag: TagRef = None
     classifier: ModelName
     max_images: Annotated[int, Field(ge=1, le=10000)] | None = Field(
         None, description="Process at most this many images per run (lowest ids first).")

@@ -44,6 +44,26 @@ def test_bad_input_fails_before_any_cluster_work(run_dag, airflow_env, monkeypat
     assert not (site.data_root / "images" / str(no_tissue) / "image.zarr").exists()
 
 
+def test_a_dataset_or_tag_picks_the_runs_images(run_dag, airflow_env, monkeypatch) -> None:
+    """A lab member picks "the images of dataset 'week 12'", not ids: the run maps over exactly
+    the dataset's images, and its first task's log says how many matched and which."""
+    store, site = _embedded_store(airflow_env, monkeypatch)
+    plain = np.full((2, 128, 160), 100, dtype=np.uint16)
+    first, second, outside = (store.add_image(f"pick-{i}", plain, ["DAPI", "CD8"])
+                              for i in range(3))
+    dataset = store.create_dataset("week 12", [first, second])
+    result, output = run_dag("celldetector_preprocess",
+                             {"dataset": dataset, "steps": ["export_zarr"]})
+    assert result["state"] == "success", output[-5000:]
+    check = result["tasks"]["check_images"]["xcom"]
+    assert check["image_ids"] == [first, second]
+    assert check["matched"] == {f"dataset {dataset}": [first, second]}
+    assert f"2 images picked: [{first}, {second}]" in output, output[-5000:]
+    exports = {k: v for k, v in result["tasks"].items() if k.startswith("image.export_zarr")}
+    assert sorted(v["xcom"]["image_id"] for v in exports.values()) == [first, second]
+    assert not (site.data_root / "images" / str(outside) / "image.zarr").exists()
+
+
 def _sandbox_image(sandbox: dict[str, Any], width: int, height: int, seed: int):
     """A synthetic slide in the sandbox's store, readable by the HPC user."""
     from hpc_jobs.sandbox import fix_permissions

@@ -150,7 +150,11 @@ def test_preprocess_run_params_are_checked_across_fields_before_any_job(dagbag: 
     dag = dagbag.dags["celldetector_preprocess"]
     check = dag.get_task("check_images")._pre_execute_hook
     defaults = dag.params.validate()
-    check({"params": defaults})  # the form's defaults are a valid run
+    with pytest.raises(AirflowFailException) as err:  # the form picks no image by default
+        check({"params": defaults})
+    assert "give image_ids, a dataset id or a tag" in str(err.value), err.value
+    defaults["image_ids"] = [1]
+    check({"params": defaults})  # the form's defaults plus an image are a valid run
     with pytest.raises(AirflowFailException) as err:
         check({"params": {**defaults, "diameter": 40.0, "block_size": 512, "chunk_size": 1024}})
     assert "use halo >= 80" in str(err.value), err.value

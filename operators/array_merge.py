@@ -62,16 +62,20 @@ class ArrayMergeStepOperator(StepOperator):
         self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
                    method_name="execute_merged")
 
-    def merge_job_key(self, context: Context) -> str:
+    def merge_job_key(self, context: Context, try_number: int | None = None) -> str:
         """The merge job's own key (the array job has :meth:`job_key`)."""
         ti = context["ti"]
-        return task_job_key(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number,
-                            MERGE_PHASE)
+        return task_job_key(ti.dag_id, ti.run_id, ti.task_id, ti.map_index,
+                            ti.try_number if try_number is None else try_number, MERGE_PHASE)
 
-    def deferred_job_ids(self, context: Context) -> list[str]:
-        """The array job, and the merge job when there is one."""
-        keys = super().deferred_job_ids(context)
-        return [*keys, self.merge_job_key(context)] if self._tasks() > 1 else keys
+    def job_keys_of_try(self, context: Context, try_number: int) -> list[tuple[str, str]]:
+        """The array job, then its merge job (resumed in :meth:`execute_merged`): a retry
+        reattaches to whichever of an earlier try's two is still running (never both: the
+        merge is submitted once the array ended)."""
+        keys = super().job_keys_of_try(context, try_number)
+        if self._tasks() <= 1:
+            return keys
+        return [*keys, (self.merge_job_key(context, try_number), "execute_merged")]
 
     def execute_merged(self, context: Context, event: dict[str, Any]) -> Any:
         """The merge job ended: its summary is the task's result."""

@@ -27,6 +27,17 @@ deferral timeout, trigger        the job is cancelled, then Airflow's ``TaskDefe
 crash (Airflow's ``__fail__``)   or ``TaskDeferralError`` as usual
 ===============================  ============================================================
 
+Crash safety (:meth:`HpcStepOperator.live_earlier_job`): the job key is the job id persisted
+before deferring (the cluster keeps the job under it). A retry first asks, in ONE ``status``
+call, about the jobs of the earlier tries of the same *generation* (tries since the task
+instance was created or last cleared: Airflow raises ``max_tries`` on a clear, so the first try
+of a generation is ``max_tries - retries + 1``, the rule Airflow's own reschedule lookup uses).
+A job of theirs that is still PENDING / RUNNING (a worker lost right after submit, the try
+failed by heartbeat timeout) is reattached: no second job, no new OMERO session. A terminal
+earlier job (COMPLETED included: the try failed for a reason a rerun must redo) and the jobs
+of a generation before a clear are never reused: the try submits its own job; live jobs of an
+earlier generation are cancelled (the user asked for a rerun, not a second copy).
+
 OMERO session keys (:meth:`HpcStepOperator.submit_job`): a step whose registry entry opens
 the image store (``needs_store``) gets a key from the site's OMERO connection
 (``[omeflow] omero_conn_id``, or the ``omero_conn_id`` argument), minted only when its job is
@@ -54,6 +65,7 @@ from hpc_jobs.protocol import (
     EXIT_RETRY_LATER,
     ErrorCode,
     JobState,
+    JobStatus,
     ResourceOverrides,
     Resources,
     SubmitReply,
@@ -92,6 +104,30 @@ def task_job_key(
     plus ``phase`` for a later job of the same try (see :data:`PHASES`)."""
     parts = (dag_id, run_id, task_id, map_index, try_number)
     return job_key_for(*parts, phase) if phase else job_key_for(*parts)
+
+
+def _is_live(status: JobStatus) -> bool:
+    """A job that still holds (or waits for) cluster resources: worth reattaching to."""
+    return not status.state.terminal and status.state is not JobState.UNKNOWN
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def accounting_line(event: dict[str, Any]) -> str:
+    """One line for the task log at the end of a job: node, elapsed / time limit, exit code
+    and MaxRSS (what the scheduler's accounting knows; ``?`` for what it does not)."""
+    rss = event.get("max_rss_mb")
+    return (
+        f"cluster job {event.get('job_id')} {event.get('state')}: node {event.get('node') or '?'}"
+        f", elapsed {_duration(event.get('elapsed_s'))} of {_duration(event.get('time_limit_s'))}"
+        f" limit, exit code {'?' if event.get('exit_code') is None else event['exit_code']}"
+        f", MaxRSS {'?' if rss is None else f'{float(rss):.1f} MiB'}"
+    )
 
 
 class HpcStepOperator(BaseOperator):
@@ -154,12 +190,68 @@ class HpcStepOperator(BaseOperator):
         """One hook per operator run: its SSH connection serves submit, log, result, cancel."""
         return HpcGatewayHook(self.hpc_conn_id)
 
-    def job_key(self, context: Context) -> str:
-        """dag / run / task / map index / try: one cluster job per Airflow try."""
+    def job_key(self, context: Context, try_number: int | None = None) -> str:
+        """dag / run / task / map index / try: one cluster job per Airflow try (``try_number``:
+        another try of this task instance; default the running one)."""
         ti = context["ti"]
         return task_job_key(
-            ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), ti.try_number
+            ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1),
+            ti.try_number if try_number is None else try_number,
         )
+
+    def first_try_of_generation(self, context: Context) -> int:
+        """The first try since the task instance was created or last cleared.
+
+        Airflow sets ``max_tries = try_number + retries`` when a task is cleared (and
+        ``retries`` at creation), so this is ``max_tries - retries + 1``, clamped to
+        ``1..try_number``. For a task instance without ``max_tries`` (not Airflow's) the
+        running try.
+        """
+        ti = context["ti"]
+        max_tries = getattr(ti, "max_tries", None)
+        if not isinstance(max_tries, int):
+            return int(ti.try_number)
+        return max(1, min(int(ti.try_number), max_tries - int(self.retries or 0) + 1))
+
+    def job_keys_of_try(self, context: Context, try_number: int) -> list[tuple[str, str]]:
+        """(job key, method that resumes on its end) of each job one try may submit, the
+        last one first (subclasses with a merge job add it)."""
+        return [(self.job_key(context, try_number), "execute_complete")]
+
+    def earlier_job_keys(self, context: Context) -> tuple[list[tuple[str, str]], list[str]]:
+        """Jobs of earlier tries: those of this generation, newest first (with their resume
+        method), and those of earlier generations (before a clear); none for a task
+        instance that does not say where its generation began (no ``max_tries``)."""
+        ti = context["ti"]
+        if not isinstance(getattr(ti, "max_tries", None), int):
+            return [], []
+        first = self.first_try_of_generation(context)
+        same = [k for t in range(int(ti.try_number) - 1, first - 1, -1)
+                for k in self.job_keys_of_try(context, t)]
+        older = [key for t in range(first - 1, 0, -1)
+                 for key, _ in self.job_keys_of_try(context, t)]
+        return same, older
+
+    def live_earlier_job(self, context: Context) -> tuple[JobStatus, str] | None:
+        """The job of an earlier try of this generation that is still PENDING / RUNNING (a
+        lost worker's), with the method that resumes on its end; None when there is none.
+
+        One ``status`` call for all earlier tries' keys. Live jobs of an earlier generation (the
+        task was cleared while its job ran) and any second live job are cancelled.
+        """
+        same, older = self.earlier_job_keys(context)
+        if not same and not older:
+            return None
+        statuses = self.hook.status([key for key, _ in same] + older)
+        live = [s for s in statuses if _is_live(s)]
+        method_of = dict(same)
+        found = next(((s, method_of[s.job_id]) for s in live if s.job_id in method_of), None)
+        for status in live:
+            if found is None or status.job_id != found[0].job_id:
+                self.log.warning("cluster job %s of an earlier try is still %s and no try "
+                                 "waits for it; cancelling it", status.job_id, status.state.value)
+                self._cancel_quietly(status.job_id)
+        return found
 
     def prepare_params(self, context: Context) -> dict[str, Any]:
         """Hook for subclasses: the params sent to the cluster (default: ``step_params``)."""
@@ -271,10 +363,12 @@ class HpcStepOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         hook = self.hook
-        params = self.prepare_params(context)
-        job_key = self.job_key(context)
         try:
-            reply = self.submit_job(context, job_key, params)
+            earlier = self.live_earlier_job(context)
+            if earlier is not None:
+                self.reattach(context, *earlier)
+            params = self.prepare_params(context)
+            reply = self.submit_job(context, self.job_key(context), params)
         except HpcConfigError as exc:
             raise AirflowFailException(str(exc)) from exc
         self._job_id = reply.job_id
@@ -300,6 +394,22 @@ class HpcStepOperator(BaseOperator):
         self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
                    method_name="execute_complete")
 
+    def reattach(self, context: Context, status: JobStatus, method_name: str) -> NoReturn:
+        """Wait for a still-running job of an earlier try instead of submitting a second one
+        (nothing is sent to the cluster: no parameters, no OMERO session)."""
+        self._job_id = status.job_id
+        self.log.info(
+            "%s job %s of an earlier try is still %s (native id %s): reattached, no new job",
+            self.step, status.job_id, status.state.value, status.native_id,
+        )
+        context["ti"].xcom_push(
+            key="hpc_job",
+            value={"job_id": status.job_id, "native_id": status.native_id,
+                   "hpc_conn_id": self.hpc_conn_id},
+        )
+        self.defer(trigger=self.trigger_for(status.job_id, status.native_id or ""),
+                   method_name=method_name)
+
     def trigger_for(self, job_id: str, native_id: str = "") -> HpcJobTrigger:
         """The trigger that waits for ``job_id`` with this operator's limits."""
         return HpcJobTrigger(
@@ -317,15 +427,23 @@ class HpcStepOperator(BaseOperator):
         """On Airflow's ``__fail__`` (deferral timeout, crashed trigger) cancel the job first:
         the task fails and a retry would start a second job next to an untracked one."""
         if next_method == TRIGGER_FAIL_REPR:
-            for job_id in self.deferred_job_ids(context):
+            job_ids = self.deferred_job_ids(context)
+            try:  # one status call; only live jobs need a cancel
+                job_ids = [s.job_id for s in self.hook.status(job_ids) if not s.state.terminal]
+            except Exception as exc:  # noqa: BLE001 - then cancel each (a no-op when finished)
+                self.log.warning("could not ask for the jobs' states (%s); cancelling each", exc)
+            for job_id in job_ids:
                 self.log.warning("the wait for cluster job %s failed; cancelling it", job_id)
                 self._cancel_quietly(job_id)
         return super().resume_execution(next_method, next_kwargs, context)
 
     def deferred_job_ids(self, context: Context) -> list[str]:
         """Job ids a deferral of this try may be waiting for (recomputed from the task
-        instance; subclasses that submit more jobs add theirs)."""
-        return [self.job_key(context)]
+        instance): this try's jobs and those of the earlier tries of its generation (a
+        reattached job keeps its try's key)."""
+        first = self.first_try_of_generation(context)
+        return [key for t in range(int(context["ti"].try_number), first - 1, -1)
+                for key, _ in self.job_keys_of_try(context, t)]
 
     def _cancel_quietly(self, job_id: str) -> str:
         """Cancel a job; returns what happened, for the failure message."""
@@ -371,6 +489,8 @@ class HpcStepOperator(BaseOperator):
             + (f", {event['reason']}" if event.get("reason") else "")
             + ")"
         )
+        if state.terminal:
+            self.log.info("%s", accounting_line(event))
         if state is JobState.COMPLETED:
             self.log.info("%s", what)
             return

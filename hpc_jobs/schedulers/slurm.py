@@ -169,10 +169,13 @@ def parse_sacct(text: str) -> list[TaskRecord]:
 
     Job ids look like ``123``, ``123_4`` (an array task) or ``123_[5-7]`` (pending tasks);
     step lines (``123.batch``, ``123_4.batch``) are not jobs: their MaxRSS becomes the
-    job's (the largest step's).
+    job's (the largest step's), and the batch step's exit code or signal becomes the job's
+    when the job ended badly but its own line says ``0:0`` (slurmdbd records a job killed at
+    its time limit as ``TIMEOUT 0:0``, its batch step as ``CANCELLED 0:15``).
     """
     records: dict[str, TaskRecord] = {}
     step_rss: dict[str, float] = {}
+    batch_exit: dict[str, tuple[int | None, int | None]] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -185,6 +188,8 @@ def parse_sacct(text: str) -> list[TaskRecord]:
             mb = parse_memory_mb(rss)
             if mb is not None:
                 step_rss[owner] = max(mb, step_rss.get(owner, 0.0))
+            if jobid.endswith(".batch"):
+                batch_exit[owner] = parse_exit_code(exit_code)
             continue
         base, _, task = jobid.partition("_")
         code, sig = parse_exit_code(exit_code)
@@ -206,6 +211,13 @@ def parse_sacct(text: str) -> list[TaskRecord]:
     for jobid, mb in step_rss.items():
         if jobid in records:
             records[jobid].max_rss_mb = mb
+    for jobid, (code, sig) in batch_exit.items():
+        rec = records.get(jobid)
+        if (
+            rec is not None and rec.state.terminal and rec.state != JobState.COMPLETED
+            and (rec.exit_code, rec.signal) == (0, 0) and (code or sig)
+        ):
+            rec.exit_code, rec.signal = code, sig
     return list(records.values())
 
 
@@ -479,7 +491,9 @@ class SlurmScheduler:
         return parse_sbatch(self._run(self.sbatch_argv(spec)).stdout)
 
     def status(self, native_ids: Sequence[str]) -> dict[str, NativeStatus]:
-        """States of many jobs: one squeue call, plus at most one sacct/scontrol call."""
+        """States of many jobs: one squeue call, plus one sacct (accounting on) or scontrol
+        call for jobs squeue no longer lists; a second one (scontrol) only when slurmdbd has
+        not caught up with a job that left squeue (see :meth:`_finished`)."""
         wanted = {str(i).split("_")[0] for i in native_ids}
         if not wanted:
             return {}
@@ -495,18 +509,35 @@ class SlurmScheduler:
         need |= {r.job_id for r in live if r.is_array}
         finished: list[TaskRecord] = []
         if need:
-            finished = [r for r in self._finished(sorted(need, key=int)) if r.job_id in need]
+            finished = self._finished(sorted(need, key=int), gone=need - live_ids)
         merged = _merge(live, finished)
         return aggregate(merged)
 
-    def _finished(self, ids: list[str]) -> list[TaskRecord]:
-        if self.accounting_enabled():
-            # no -X: the .batch step lines carry MaxRSS
-            proc = self._run(
-                ["sacct", "--parsable2", "--noheader", f"--jobs={','.join(ids)}",
-                 f"--format={SACCT_FIELDS}"]
-            )
-            return parse_sacct(proc.stdout)
+    def _finished(self, ids: list[str], gone: set[str]) -> list[TaskRecord]:
+        """Records of ``ids`` from sacct (accounting on) or ``scontrol show job``.
+
+        slurmctld sends its records to slurmdbd asynchronously: a job that already left
+        squeue (``gone``) may still be pending/running in sacct for a moment. Those are taken
+        from slurmctld (scontrol, one more call) when it still knows them. Jobs neither
+        knows are left out (the caller falls back on the job's own exit markers).
+        """
+        if not self.accounting_enabled():
+            return [r for r in self._scontrol_jobs() if r.job_id in ids]
+        # no -X: the .batch step lines carry MaxRSS
+        proc = self._run(
+            ["sacct", "--parsable2", "--noheader", f"--jobs={','.join(ids)}",
+             f"--format={SACCT_FIELDS}"]
+        )
+        records = [r for r in parse_sacct(proc.stdout) if r.job_id in ids]
+        lagging = gone & {r.job_id for r in records if not r.state.terminal}
+        if not lagging:
+            return records
+        fresh = [r for r in self._scontrol_jobs() if r.job_id in lagging]
+        replaced = {r.job_id for r in fresh}
+        return [r for r in records if r.job_id not in replaced] + fresh
+
+    def _scontrol_jobs(self) -> list[TaskRecord]:
+        """Every job slurmctld still knows (``scontrol show job -o``: one call)."""
         proc = self._run(["scontrol", "show", "job", "-o"], check=False)
         if proc.returncode != 0 and "No jobs" not in (proc.stdout + proc.stderr):
             raise SchedulerError(f"scontrol show job failed: {proc.stderr.strip()}")

@@ -7,6 +7,7 @@ CPUs; 172 an older timed-out job, 164 one cancelled while pending.
   squeue_acct_live.txt / sacct_acct_live.txt / squeue_queue.txt  (same moment, 9 s in)
   squeue_acct_later.txt / sacct_acct_later.txt  (14 s later: 184_0, 184_1 done)
   sacct_acct_done.txt  (all final)
+  sacct_acct_timeout.txt  (a --time=1 job killed at its limit: 0:0 on its line, 0:15 on .batch)
 Accounting off (the scontrol fallback):
   scontrol_mixed_pending_running.txt: 1, 8 completed; 2, 9 failed (exit 1); 3-7 cancelled
       while pending; 10, 11 running; 12 pending (Resources); 13 held; 14 array 0-3%2 pending.
@@ -169,12 +170,21 @@ def test_sacct_final_states_exit_codes_and_max_rss() -> None:
     assert st["172"].reason == "TimeLimit, signal 15"
     assert (st["172"].elapsed_s, st["172"].time_limit_s) == (64, 60)
     assert st["183"].state == JobState.CANCELLED  # "CANCELLED by 0"
+    assert st["183"].exit_code == 15  # job line 0:0, its batch step 15:0
     assert st["185"].state == JobState.CANCELLED and st["185"].node is None  # never ran
     arr = st["184"]
     assert (arr.state, arr.exit_code) == (JobState.FAILED, 4)
     assert arr.array_states == {"COMPLETED": 3, "FAILED": 1}
     assert arr.max_rss_mb == pytest.approx(3300 / 1024)  # the largest task
     assert arr.elapsed_s == 6 and arr.node == "vm"
+
+
+def test_sacct_timeout_takes_the_batch_steps_signal() -> None:
+    st = aggregate(parse_sacct(sample("sacct_acct_timeout.txt")))["238"]
+    assert (st.state, st.exit_code) == (JobState.TIMEOUT, 128 + 15)
+    assert st.reason == "TimeLimit, signal 15"
+    assert (st.elapsed_s, st.time_limit_s) == (84, 60)
+    assert st.max_rss_mb == pytest.approx(8160 / 1024)
 
 
 def test_sacct_pending_array_range_counts_tasks() -> None:
@@ -307,6 +317,24 @@ def test_status_trusts_squeue_over_a_lagging_sacct(tmp_path: Path) -> None:
     assert st["184"].state == JobState.RUNNING
     assert st["184"].array_states == {"PENDING": 3, "RUNNING": 1}
     assert st["181"].state == JobState.COMPLETED
+
+
+def test_status_asks_scontrol_when_sacct_lags_behind_squeue(tmp_path: Path) -> None:
+    """Job 183 left squeue but sacct still says RUNNING: slurmctld (scontrol) has its end.
+    Job 12 is absent from sacct: left out, as is 999 (the gateway reads exit markers)."""
+    scontrol = sample("scontrol_final.txt").replace("JobId=12 ", "JobId=183 ", 1)
+    runner = FakeRunner(
+        "", scontrol, config="accounting_storage/slurmdbd", sacct=sample("sacct_acct_later.txt")
+    )
+    sched = SlurmScheduler(_site(tmp_path), runner=runner)
+    st = sched.status(["181", "183", "999"])
+    assert set(st) == {"181", "183"}
+    assert st["183"].state == JobState.COMPLETED  # scontrol's, not sacct's RUNNING
+    assert st["181"].max_rss_mb == pytest.approx(208.0, abs=0.1)
+    assert [c[0] for c in runner.calls] == ["squeue", "scontrol", "sacct", "scontrol"]
+    runner.calls.clear()
+    sched.status(["181", "999"])  # nothing stale: no scontrol call
+    assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
 
 
 def test_queue_is_one_squeue_call(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +83,7 @@ class ProgressReporter:
         self._last_write: float | None = None
         self._dirty = False
         self._finished = False
+        self._lock = threading.Lock()  # steps may count from worker threads
         # Fail early (in the step, not in the gateway) on a unit the protocol refuses.
         Progress(done=0, total=total, unit=unit, message=message)
 
@@ -95,6 +97,11 @@ class ProgressReporter:
     ) -> None:
         """Set the count (and optionally the total / message); written if the pause is over
         (or ``force``)."""
+        with self._lock:
+            self._update(done, total, message, force)
+
+    def _update(self, done: int | None, total: int | None, message: str | None, force: bool
+                ) -> None:
         if done is not None:
             self.done = max(0, int(done))
         if total is not None:
@@ -107,16 +114,18 @@ class ProgressReporter:
             self._write(now)
 
     def advance(self, n: int = 1, message: str | None = None) -> None:
-        """Count ``n`` more done."""
-        self.update(self.done + n, message=message)
+        """Count ``n`` more done (thread-safe)."""
+        with self._lock:
+            self._update(self.done + n, None, message, False)
 
     def finish(self, message: str | None = None) -> None:
         """Write the final line (always, whatever the rate limit)."""
-        if message is not None:
-            self.message = message[:200]
-        if self._dirty or message is not None or self.lines_written == 0:
-            self._write(time.monotonic())
-        self._finished = True
+        with self._lock:
+            if message is not None:
+                self.message = message[:200]
+            if self._dirty or message is not None or self.lines_written == 0:
+                self._write(time.monotonic())
+            self._finished = True
 
     def __enter__(self) -> ProgressReporter:
         return self

@@ -204,7 +204,11 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         sel = np.asarray(channels)
         whole = channels == list(range(info.size_c))
 
+        blocks = len(ngff.blocks(tuple(arr.shape[1:]), block))
+        reporter = ctx.progress("blocks", total=blocks, message="histograms")
+
         def read_block(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            reporter.advance()
             if whole:
                 return np.asarray(arr[:, y0:y1, x0:x1])
             return np.asarray(arr.get_orthogonal_selection((sel, slice(y0, y1), slice(x0, x1))))
@@ -216,6 +220,8 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         hists, counters = ecdf_core.region_histograms(
             read_block, tuple(arr.shape[1:]), arr.dtype, geoms, len(channels), block, workers
         )
+        reporter.update(blocks)  # blocks outside every region are never read
+        reporter.finish("eCDF tables")
         names = list(info.channel_names) or [f"c{i}" for i in range(info.size_c)]
         histograms, full, quantiles, records = build_outputs(
             regions, hists, channels, names, offset

@@ -390,22 +390,32 @@ def _export(params: Params, ctx: StepContext, stores: ThreadStores, info: ImageI
 
         return task
 
+    levels = [ngff.blocks(tuple(arr.shape[1:]), block) for arr in arrays]
+    reporter = ctx.progress("blocks", total=sum(len(b) for b in levels), message="exporting")
+    reporter.update(sum((lv, *b) in done for lv, bs in enumerate(levels) for b in bs))
+
+    def mark(level: int, blk: tuple[int, int, int, int]) -> None:
+        progress.mark(level, blk)
+        reporter.advance()
+
     for level, arr in enumerate(arrays):
-        all_blocks = ngff.blocks(tuple(arr.shape[1:]), block)
+        all_blocks = levels[level]
         todo = [b for b in all_blocks if (level, *b) not in done]
         skipped += len(all_blocks) - len(todo)
         if not todo:
             continue
         t_level = time.perf_counter()
         task = write_level0 if level == 0 else make_pyramid_task(level)
+        reporter.update(message=f"exporting level {level}", force=True)
         nbytes += run_blocks(
-            todo, task, lambda b, lv=level: progress.mark(lv, b), workers  # type: ignore[misc]
+            todo, task, lambda b, lv=level: mark(lv, b), workers  # type: ignore[misc]
         )
         written += len(todo)
         ctx.log(
             f"level {level} {tuple(arr.shape)}: {len(todo)} blocks written, "
             f"{len(all_blocks) - len(todo)} skipped, {time.perf_counter() - t_level:.1f}s"
         )
+    reporter.finish("exported")
     meta = dict(group.attrs.get("omeflow", {}))
     if not meta.get("complete"):
         group.attrs["omeflow"] = {**meta, "complete": True}

@@ -199,8 +199,10 @@ def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir:
     probs = np.empty(len(xy), dtype=np.float64)
     read_s = infer_s = 0.0
     step = params.inference_batch * READ_BATCHES
+    reporter = ctx.progress("nuclei", total=len(xy), message="predicting")
     with torch.inference_mode():
         for i in range(0, len(xy), step):
+            reporter.update(i)
             t = time.perf_counter()
             crops = crops_for(image_dir, xy[i : i + step], channels, int(meta["crop_size"]),
                               display)
@@ -211,6 +213,8 @@ def _classify(nuclei: pd.DataFrame, params: Params, ctx: StepContext, image_dir:
                 p = torch.softmax(model(batch).float(), dim=1)[:, -1]
                 probs[i + j : i + j + len(batch)] = p.cpu().numpy()
             infer_s += time.perf_counter() - t
+    reporter.update(len(xy))
+    reporter.finish("predicted")
     names = [str(c) for c in meta["class_names"]]
     threshold = float(meta["threshold"])
     positive = probs >= threshold

@@ -104,11 +104,15 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
             totals = {"model_load_s": 0.0, "read_s": 0.0, "segment_s": 0.0, "post_s": 0.0,
                       "write_s": 0.0}
             processes = params.processes or ctx.cpus
+            reporter = ctx.progress("tiles", total=len(todo) + len(done), message="segmenting")
+            reporter.update(len(done))
             for i, res in enumerate(run_tiles(job, todo, processes, ctx.cpus, ctx.log), 1):
                 for k in totals:
                     totals[k] += float(res.get(k, 0.0))
                 ctx.log(f"segment_nuclei: tile {res['tile']} ({i}/{len(todo)}): "
                         f"{res['owned']} nuclei, segment {res['segment_s']:.1f}s")
+                reporter.update(len(done) + i)
+            reporter.finish("segmented")
             summary.update({"tiles": len(todo) + len(done), "tiles_skipped": len(done),
                             "tiles_no_tissue": sum(t.index in image["skip"] for t in mine),
                             **{k: round(v, 3) for k, v in totals.items()}})
@@ -121,9 +125,15 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                     "model_sha256": model_sha256, "block_size": str(params.block_size),
                     "halo": str(params.halo), "tissue_only": str(params.tissue_only),
                     "tiles_no_tissue": str(len(image["skip"])), **image["norm"].metadata()}
+            # the merge is one pass over every tile: reported as started, then done
+            tiles = len(job.grid) - len(image["skip"])
+            merging = ctx.progress("tiles", total=tiles, message="merging")
+            merging.update(0, force=True)
             summary.update(merge(job, image["zarr"], image["dir"] / "nuclei.parquet", task_id,
                                  task_count, image["chunks"], image["shards"], meta, ctx.log,
                                  skip=image["skip"], level_shapes=image["levels"]))
+            merging.update(tiles)
+            merging.finish("merged")
         summary.setdefault("tiles", summary["tiles_total"] - len(image["skip"]))
         summary.setdefault("tiles_skipped", 0)
         summary.setdefault("tiles_no_tissue", len(image["skip"]))

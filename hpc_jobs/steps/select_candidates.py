@@ -255,7 +255,10 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         writer = crops.ChunkWriter(ctx.outputs)
         records = picked.to_dict(orient="records")
         centres = picked[["y", "x"]].to_numpy(dtype=np.float64)
+        reporter = ctx.progress("crops", total=len(records), message="rendering crops")
+        reporter.update(0, force=True)
         for i, px, lab in crops.windows(read, tuple(arr.shape[1:]), centres, half, block):
+            reporter.advance()
             row = {k: _plain(v) for k, v in records[i].items()}
             row["crops"] = crops.render(
                 px, lab, int(row["id"]), displays[row["roi_id"]], params.crop_size, ZOOMS,
@@ -263,6 +266,7 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
             )
             writer.add(row)
         writer.flush()
+        reporter.finish("crops written")
     seconds = time.perf_counter() - t0
     summary = {
         "image_id": params.image_id,

@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from hpc_jobs.classifier.snapshot import MAX_LABELS, snapshot_hash
+from hpc_jobs.progress import ProgressReporter
 from hpc_jobs.steps.base import StepContext, StepParams
 from hpc_jobs.steps.fields import DapiChannel, ImageId, MarkerChannel, ModelName
 
@@ -286,8 +287,9 @@ def recalibrate_bn(model: Any, x: Any, device: str, batch: int = 128) -> None:
 
 
 def fit(model: Any, x: Any, y: Any, x_es: Any, y_es: Any, params: Params, device: str,
-        log: Any) -> dict[str, Any]:
-    """Train with class-balanced sampling and augmentation; early stopping on (x_es, y_es)."""
+        log: Any, progress: ProgressReporter | None = None) -> dict[str, Any]:
+    """Train with class-balanced sampling and augmentation; early stopping on (x_es, y_es).
+    ``progress`` (if given) counts the epochs."""
     import copy
 
     import numpy as np
@@ -329,6 +331,8 @@ def fit(model: Any, x: Any, y: Any, x_es: Any, y_es: Any, params: Params, device
                         "crops_per_s": round(len(order) / seconds, 1)})
         log(f"epoch {epoch}: train loss {train_loss / len(order):.4f}, early-stop loss "
             f"{es_loss:.4f}, {len(order) / seconds:.0f} crops/s")
+        if progress is not None:
+            progress.update(epoch, message=f"training, early-stop loss {es_loss:.4f}")
         if es_loss < best:
             best, best_epoch = es_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -391,7 +395,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         skipped = cm.load_pretrained(net, models_dir / params.pretrained)
         ctx.log(f"started from {params.pretrained} (not loaded: {skipped})")
     net = net.to(device)
-    training = fit(net, crops[tr], y[tr], crops[es], y[es], params, device, ctx.log)
+    with ctx.progress("epochs", total=params.epochs, message="training") as epochs:
+        training = fit(net, crops[tr], y[tr], crops[es], y[es], params, device, ctx.log, epochs)
+        epochs.finish(f"trained: {training['epochs_run']} epochs, best {training['best_epoch']}")
     t_train = time.perf_counter() - t0 - t_crops
 
     marker = cells.marker_mean.to_numpy(dtype=np.float64)

@@ -54,6 +54,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
                                "namespace": ns, "shape": params.shape}
     with ctx.lock_image(params.image_id, exclusive=False, purpose="writeback"), \
             ctx.open_store() as store:
+        # what is written to the store, one part at a time: ROIs, cell table, densities
+        parts = ctx.progress("parts", total=3 if params.densities else 2, message="ROIs")
+        parts.update(0, force=True)
         info = store.get_image(params.image_id)
         df = read_predictions(image_dir, params.classifier, params.image_id)
         pos = df["positive"].to_numpy(dtype=bool)
@@ -62,7 +65,9 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
             from hpc_jobs.density import mm2_per_px
 
             mm2_per_px(info)
+        parts.update(message=f"writing {len(rois)} ROIs", force=True)
         roi_ids = store.write_rois(params.image_id, rois, ns, replace=True)
+        parts.update(1, message="cell table", force=True)
         roi_col = np.full(len(df), -1, dtype=np.int64)
         roi_col[pos] = roi_ids
         table = {"id": df["id"].to_numpy(np.int64), "x": df["x"].to_numpy(np.float64),
@@ -73,7 +78,10 @@ def run(params: Params, ctx: StepContext) -> dict[str, Any]:
         summary.update({"cells": len(df), "positives": int(pos.sum()), "rois": len(roi_ids),
                         "table_id": table_id})
         if params.densities:
+            parts.update(2, message="densities", force=True)
             summary.update(_write_densities(store, info, df, pos, params, ns, ctx))
+        parts.update(3 if params.densities else 2)
+        parts.finish("written")
     ctx.log(f"writeback: image {params.image_id}: {summary['positives']} positive of "
             f"{summary['cells']} nuclei as {params.shape} ROIs under {ns}")
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -169,3 +169,33 @@ def test_a_corrupt_progress_file_never_breaks_status(site_file: Path) -> None:
     (job, ) = _call(site_file, "status", job_ids=["bad"])["jobs"]
     assert job["state"] in ("PENDING", "RUNNING", "COMPLETED")
     assert job["progress"] is None and job["array_progress"] is None
+
+
+# -- steps that report --------------------------------------------------------------------------
+def test_export_and_ecdf_count_their_blocks_into_the_job_dir(tmp_path: Path) -> None:
+    """The real steps on a small image: each one's last line is its final count."""
+    import numpy as np
+
+    from hpc_jobs import ngff
+    from hpc_jobs.steps import ecdf, export_zarr
+    from hpc_jobs.stores.base import NewRoi, PolygonShape
+    from hpc_jobs.stores.local import LocalStore
+    from tests.science.conftest import make_context
+
+    ctx = make_context(tmp_path, cpus=2)
+    ctx.job_dir.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 65536, size=(2, 200, 130), dtype=np.uint16)
+    tissue = PolygonShape(((5.0, 5.0), (120.0, 8.0), (100.0, 190.0)), "tissue_A")
+    with LocalStore(ctx.site.store.path) as store:
+        image_id = store.add_image("img", pixels, ["DAPI", "CD3"])
+        store.add_rois(image_id, [NewRoi((tissue,))])
+    export = export_zarr.run(
+        export_zarr.Params(image_id=image_id, block_size=64, chunk_size=32), ctx)
+    lines = _lines(ctx.job_dir / "progress.jsonl")
+    assert lines[-1]["unit"] == "blocks" and lines[-1]["message"] == "exported"
+    assert lines[-1]["done"] == lines[-1]["total"] == export["blocks_written"]
+
+    ecdf.run(ecdf.Params(image_id=image_id), ctx)
+    last = _lines(ctx.job_dir / "progress.jsonl")[-1]
+    level0 = len(ngff.blocks((200, 130), 64))
+    assert (last["done"], last["total"], last["unit"]) == (level0, level0, "blocks")

@@ -28,6 +28,14 @@ step returns, ``hpc_jobs/run.py``). Every call appends one line to the audit log
 (``<job_root>/.audit.log`` unless the site sets ``audit_log``), caller included; a call the
 gateway cannot audit (the log cannot be opened for appending) is refused before it acts.
 
+``status`` also returns, in the same call, each job's latest progress (the last line of its
+``progress.jsonl``, or per array task of ``progress.<task>.jsonl`` plus their sum; read from the
+end of the file, see :mod:`hpc_jobs.progress`), and the node, time limit and peak memory the
+scheduler reports. ``cancel`` may name the person who asked (``by``): it is recorded in the job
+directory (``cancelled_by.json``) and the audit line, and the cancelled job's ``status`` reason
+then reads ``cancelled by <by>``. ``queue`` lists the caller's pending and running jobs as the
+scheduler sees them (one query), others' left out as everywhere else.
+
 For the embedded default (no SSH), the Airflow side runs this same program as a subprocess
 with ``SSH_ORIGINAL_COMMAND`` set, so both transports exercise identical code.
 """

@@ -29,7 +29,8 @@ def _mariadb_argv() -> list[str]:
         "/usr/sbin/mariadbd", "--no-defaults", "--user=mysql",
         f"--datadir={P.MARIADB_DATADIR}", f"--socket={P.MARIADB_SOCKET}",
         f"--pid-file={P.MARIADB_PID}", f"--log-error={P.MARIADB_LOG}",
-        # the values slurmdbd recommends (it logs an error for smaller ones)
+        # log size and lock wait as slurmdbd asks; it would like a larger buffer pool than
+        # MariaDB's default 128M (it logs "not recommended"), which a sandbox does not need
         "--skip-networking", "--innodb-buffer-pool-size=128M", "--innodb-log-file-size=64M",
         "--innodb-lock-wait-timeout=900",
     ]

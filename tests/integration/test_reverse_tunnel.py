@@ -4,7 +4,8 @@ One host plays both sides, split by a network namespace:
 
 - **login node network** (namespace ``omeflow-tun-<pid>``): the OMERO stand-in listens on the
   namespace's own loopback (``127.0.0.1:<svc>`` there), which nothing outside can address;
-  the tunnel keeper runs there (as the login node's process), its ssh client too.
+  the gateway runs there (as on the login node) and starts the tunnel keeper at the first
+  submit, so the keeper and its ssh client run there too.
 - **compute node** (the host's network): slurmd runs the jobs; a node sshd (started here,
   like a compute node's, with ``AllowTcpForwarding remote`` and the keeper's key restricted
   by :func:`hpc_jobs.tunnel.node_authorized_keys_line`) listens on the veth address the
@@ -12,8 +13,8 @@ One host plays both sides, split by a network namespace:
 
 Jobs are submitted through the gateway (the forced command's program, run here as a
 subprocess with ``SSH_ORIGINAL_COMMAND``), as ``cluster_check`` with a sleep, two at once.
-Every process started here is under ``timeout`` and stops by itself; the keeper exits by
-itself once idle, which the test checks.
+Every process started here is under ``timeout`` and stops by itself; the keeper (started by
+the gateway) exits by itself once idle, which the test checks.
 """
 
 from __future__ import annotations
@@ -121,7 +122,6 @@ class TunnelWorld:
     svc_port: int
     listen_port: int
     service_log: Path
-    keeper: subprocess.Popen[bytes]
 
     def connections(self) -> list[dict[str, Any]]:
         if not self.service_log.exists():
@@ -222,19 +222,8 @@ def world(sandbox: dict[str, Any]) -> Iterator[TunnelWorld]:  # noqa: F811
         )
         for name, site in (("tunnel.toml", tunnel_site), ("direct.toml", direct_site)):
             (base / name).write_text(site.to_toml())
-        # the login node's keeper: started before the submits, so the gateway's own start
-        # (hpc_jobs.tunnel.ensure_keeper) finds it running and leaves it
-        tunnels_dir(tunnel_site).mkdir(parents=True, mode=0o700)
-        keeper = _spawn(
-            [*inns, "timeout", "-k", "5", str(LIFETIME_S), sys.executable, "-m",
-             "hpc_jobs.tunnel_keeper", "--site", str(base / "tunnel.toml")],
-            tunnels_dir(tunnel_site) / "keeper.log",
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        procs.append(keeper)
-        _wait(lambda: (tunnels_dir(tunnel_site) / "keeper.lock").exists(), 15, "the keeper")
         yield TunnelWorld(base, base / "tunnel.toml", base / "direct.toml", netns, host_ip,
-                          ns_ip, svc_port, listen_port, service_log, keeper)
+                          ns_ip, svc_port, listen_port, service_log)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -247,10 +236,15 @@ def world(sandbox: dict[str, Any]) -> Iterator[TunnelWorld]:  # noqa: F811
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _gateway(site_toml: Path, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+def _gateway(world: TunnelWorld, site_toml: Path, verb: str, body: dict[str, Any]
+             ) -> dict[str, Any]:
+    """One gateway call, as sshd would run it. ``submit`` runs on the login node (in its
+    namespace: it starts the keeper there); ``status`` from the host's network, where the
+    sandbox's accounting database (sacct) answers."""
     env = {**os.environ, "SSH_ORIGINAL_COMMAND": verb}
+    login_node = ["ip", "netns", "exec", world.netns] if verb == "submit" else []
     proc = subprocess.run(
-        [sys.executable, "-m", "hpc_jobs.gateway", "--config", str(site_toml)],
+        [*login_node, sys.executable, "-m", "hpc_jobs.gateway", "--config", str(site_toml)],
         input=json.dumps(body), capture_output=True, text=True, timeout=60, env=env, check=False,
     )
     reply = json.loads(proc.stdout)
@@ -258,18 +252,26 @@ def _gateway(site_toml: Path, verb: str, body: dict[str, Any]) -> dict[str, Any]
     return reply
 
 
-def _submit(site_toml: Path, sleep_s: int) -> str:
+def _submit(world: TunnelWorld, site_toml: Path, sleep_s: int) -> str:
     key = f"tunnel-{uuid.uuid4().hex[:10]}"
-    _gateway(site_toml, "submit", {
+    _gateway(world, site_toml, "submit", {
         "step": "cluster_check", "job_key": key, "params": {"sleep_s": sleep_s},
         "resources": {"cpus": 1, "mem_mb": 256, "time_min": 3},
     })
     return key
 
 
-def _states(site_toml: Path, keys: list[str]) -> dict[str, str]:
-    reply = _gateway(site_toml, "status", {"job_ids": keys})
+def _states(world: TunnelWorld, site_toml: Path, keys: list[str]) -> dict[str, str]:
+    reply = _gateway(world, site_toml, "status", {"job_ids": keys})
     return {j["job_id"]: j["state"] for j in reply["jobs"]}
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (nobody may reap a detached keeper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _forward_processes(listen_port: int) -> list[int]:
@@ -287,6 +289,17 @@ def _forward_processes(listen_port: int) -> list[int]:
     return pids
 
 
+def _explain(world: TunnelWorld, site: SiteConfig, jobs: list[str]) -> str:
+    """What the jobs, the bookkeeping and the keeper say (for a failure message)."""
+    parts = [f"states: {_states(world, world.tunnel_site, jobs)}", f"state: {read_state(site)}"]
+    for key in jobs:
+        log = JobDir(site.job_root, key).log_path
+        parts.append(f"{key}: {log.read_text() if log.exists() else '(no log yet)'}")
+    keeper_log = tunnels_dir(site) / "keeper.log"
+    parts.append(f"keeper: {keeper_log.read_text() if keeper_log.exists() else '(none)'}")
+    return "\n".join(parts)
+
+
 def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
     world: TunnelWorld,
 ) -> None:
@@ -297,8 +310,8 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
     assert can_connect("127.0.0.1", world.svc_port) is not None
     assert can_connect(world.ns_ip, world.svc_port) is not None
 
-    jobs = [_submit(world.tunnel_site, JOB_SLEEP_S) for _ in range(2)]
-    control = _submit(world.direct_site, 0)
+    jobs = [_submit(world, world.tunnel_site, JOB_SLEEP_S) for _ in range(2)]
+    control = _submit(world, world.direct_site, 0)
 
     # both jobs run at once on the node and use one forward: one ssh process for the two
     def both_routed() -> bool:
@@ -309,13 +322,16 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
             for k in jobs if JobDir(tunnel_site.job_root, k).log_path.exists()
         ) and all(JobDir(tunnel_site.job_root, k).log_path.exists() for k in jobs)
 
-    _wait(both_routed, 60, "both jobs to be routed through the tunnel")
+    try:
+        _wait(both_routed, 60, "both jobs to be routed through the tunnel")
+    except AssertionError:
+        raise AssertionError(_explain(world, tunnel_site, jobs)) from None
     state = read_state(tunnel_site)
     nodes = {u["node"] for u in state.users.values()}
     assert len(nodes) == 1, state.users
     (node,) = nodes
     assert state.forwards[node]["state"] == "open"
-    assert _states(world.tunnel_site, jobs) == dict.fromkeys(jobs, "RUNNING")
+    assert _states(world, world.tunnel_site, jobs) == dict.fromkeys(jobs, "RUNNING")
     forwards = _forward_processes(world.listen_port)
     assert forwards == [state.forwards[node]["pid"]], forwards
 
@@ -328,7 +344,7 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
         assert f"reached at 127.0.0.1:{world.listen_port}" in log, log
 
     # the direct-mode control: same host:port, no tunnel, the job cannot reach it
-    _wait(lambda: _states(world.direct_site, [control])[control] == "COMPLETED", 60,
+    _wait(lambda: _states(world, world.direct_site, [control])[control] == "COMPLETED", 60,
           "the direct-mode control job")
     control_log = JobDir(direct_site.job_root, control).log_path.read_text()
     assert re.search(
@@ -338,18 +354,18 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
     assert len(world.connections()) == len(seen)
 
     # the last job's end closes the forward; then the keeper exits by itself
-    _wait(lambda: set(_states(world.tunnel_site, jobs).values()) == {"COMPLETED"},
+    _wait(lambda: set(_states(world, world.tunnel_site, jobs).values()) == {"COMPLETED"},
           JOB_SLEEP_S + 40, "the tunnel jobs to finish")
     _wait(lambda: not _forward_processes(world.listen_port), 15, "the forward to close")
     assert can_connect("127.0.0.1", world.listen_port) is not None
     state = read_state(tunnel_site)
     assert state.users == {} and state.forwards == {}, state
+    # the keeper the gateway started at the first submit (on the login node) ran alone and
+    # exits by itself once idle
     keeper_log = tunnels_dir(tunnel_site) / "keeper.log"
-    try:
-        world.keeper.wait(20)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the keeper did not exit by itself: {keeper_log.read_text()}")
-    assert world.keeper.returncode == 0
-    keeper_log = keeper_log.read_text()
-    assert keeper_log.count("forward open to") == 1, keeper_log
-    assert "exiting" in keeper_log
+    pids = set(re.findall(r"keeper\[(\d+)\]: started", keeper_log.read_text()))
+    assert len(pids) == 1, keeper_log.read_text()
+    (pid,) = pids
+    _wait(lambda: "nothing to do for" in keeper_log.read_text(), 20, "the keeper to go idle")
+    _wait(lambda: not _running(int(pid)), 10, "the keeper process to end")
+    assert keeper_log.read_text().count("forward open to") == 1, keeper_log.read_text()

@@ -84,7 +84,9 @@ class _LostFirstSubmitReply(HpcGatewayHook):
 def test_lost_submit_reply_runs_one_job(site: SiteConfig) -> None:
     from operators.hpc_step import HpcStepOperator
 
-    op = HpcStepOperator(task_id="check", step="cluster_check")
+    # the job sleeps: on a busy host a job without it could end before the retried submit
+    # answers, and try 1 would then finish without deferring (no TaskDeferred to check)
+    op = HpcStepOperator(task_id="check", step="cluster_check", step_params={"sleep_s": 3})
     hook = _LostFirstSubmitReply()
     hook.retry_delay = 0.05
     op.__dict__["hook"] = hook

@@ -28,6 +28,12 @@ How the connection ``hpc_conn_id`` selects the transport (every refusal raises
 
 ``submit`` and ``cancel`` are retried inside the same call on transport errors (bounded,
 with back-off): both are idempotent, so a lost reply never becomes a second job.
+
+SSH connections are reused: a sync hook keeps its connection for all its calls (one task run),
+and every :class:`AsyncGatewayClient` of one event loop (the triggerer's) shares one connection
+per Airflow connection id, kept open :data:`SSH_IDLE_CLOSE_S` seconds after its last user closed
+so the next job's poll needs no handshake. :data:`STATS` counts connections and calls
+(benchmarks read it).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,8 +88,53 @@ HOST_KEY_TYPES = (
 CALL_ATTEMPTS = 4
 RETRY_DELAY_S = 2.0
 MAX_RETRY_DELAY_S = 30.0
+#: Seconds a shared async SSH connection stays open after its last client closed (the next
+#: job's trigger then polls without a new handshake; sshd's MaxStartups throttles handshakes).
+SSH_IDLE_CLOSE_S = 60.0
 R = TypeVar("R", bound=BaseModel)
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayEvent:
+    """One SSH connection set-up (``verb`` empty) or one gateway call, with wall-clock bounds
+    (``time.time()``) and the side that made it (``sync`` hook or ``async`` client)."""
+
+    kind: str
+    side: str
+    verb: str
+    start: float
+    end: float
+
+
+@dataclass
+class GatewayStats:
+    """Process-wide counts of gateway traffic: SSH connections opened, calls per verb, and the
+    latest events (bounded), for benchmarks and logs. Recording costs a few appends."""
+
+    ssh_connects: int = 0
+    ssh_connect_s: float = 0.0
+    calls: Counter[str] = field(default_factory=Counter)
+    events: deque[GatewayEvent] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def record(self, kind: str, side: str, verb: str, start: float) -> None:
+        """Record an event that started at ``start`` (``time.time()``) and ends now."""
+        end = time.time()
+        if kind == "connect":
+            self.ssh_connects += 1
+            self.ssh_connect_s += end - start
+        else:
+            self.calls[verb] += 1
+        self.events.append(GatewayEvent(kind, side, verb, start, end))
+
+    def reset(self) -> None:
+        self.ssh_connects, self.ssh_connect_s = 0, 0.0
+        self.calls.clear()
+        self.events.clear()
+
+
+#: The gateway traffic of this process.
+STATS = GatewayStats()
 
 
 class HpcGatewayError(Exception):
@@ -314,9 +366,11 @@ class HpcGatewayHook(BaseHook):
         ):
             from airflow.providers.ssh.hooks.ssh import SSHHook
 
+            started = time.time()
             self._ssh_client = SSHHook(
                 ssh_conn_id=self.hpc_conn_id, cmd_timeout=self.timeout
             ).get_conn()
+            STATS.record("connect", "sync", "", started)
         return self._ssh_client
 
     def _call_ssh(self, verb: str, body: bytes) -> _Raw:
@@ -355,9 +409,11 @@ class HpcGatewayHook(BaseHook):
     def call(self, verb: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """One gateway call; returns the reply object or raises HpcGatewayError."""
         body = json.dumps(request or {}).encode()
+        started = time.time()
         raw = (
             self._call_ssh(verb, body) if self.transport == "ssh" else self._call_local(verb, body)
         )
+        STATS.record("call", "sync", verb, started)
         return decode_reply(verb, raw.status, raw.stdout, raw.stderr)
 
     def call_idempotent(self, verb: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -466,31 +522,106 @@ def decode_reply(verb: str, status: int, stdout: bytes, stderr: bytes) -> dict[s
     return obj
 
 
-class AsyncGatewayClient:
-    """Async gateway calls for triggers: one long-lived SSH connection, reconnect with backoff.
+class _SharedSsh:
+    """One asyncssh connection per (event loop, Airflow connection id), shared by every
+    :class:`AsyncGatewayClient` of that loop. Clients take a lease and release it on
+    ``close()``; the connection closes :data:`SSH_IDLE_CLOSE_S` seconds after the last lease
+    ended (or when the loop shuts down), and at once when a call on it failed."""
 
-    sshd throttles new connections (MaxStartups), so all calls of a poll loop reuse one
-    ``asyncssh`` connection from ``SSHHookAsync``; the local transport uses an async subprocess.
+    _pool: dict[tuple[asyncio.AbstractEventLoop, str], _SharedSsh] = {}
+
+    def __init__(self, hpc_conn_id: str) -> None:
+        self.hpc_conn_id = hpc_conn_id
+        self.conn: Any = None
+        self.users = 0
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._closer: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, hpc_conn_id: str) -> _SharedSsh:
+        """The shared connection slot of the running loop for ``hpc_conn_id``."""
+        loop = asyncio.get_running_loop()
+        for stale in [k for k in cls._pool if k[0].is_closed()]:
+            del cls._pool[stale]
+        key = (loop, hpc_conn_id)
+        if key not in cls._pool:
+            cls._pool[key] = cls(hpc_conn_id)
+        return cls._pool[key]
+
+    def acquire(self) -> None:
+        self.users += 1
+        self._generation += 1
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+
+    def release(self) -> None:
+        self.users = max(0, self.users - 1)
+        if self.users == 0 and self.conn is not None:
+            self._generation += 1
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close_when_idle(self._generation)
+            )
+
+    async def _close_when_idle(self, generation: int) -> None:
+        try:
+            await asyncio.sleep(SSH_IDLE_CLOSE_S)
+        finally:  # also when the loop shuts down and cancels this task
+            if self.users == 0 and self._generation == generation:
+                self.drop(self.conn)
+
+    async def connection(self, timeout: float) -> Any:
+        """The open connection, connecting first if there is none (one handshake at a time)."""
+        async with self._lock:
+            if self.conn is None or self.conn.is_closed():
+                from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+                started = time.time()
+                self.conn = await asyncio.wait_for(
+                    SSHHookAsync(ssh_conn_id=self.hpc_conn_id).get_conn(), timeout
+                )
+                STATS.record("connect", "async", "", started)
+            return self.conn
+
+    def drop(self, conn: Any) -> None:
+        """Close ``conn`` if it is still the shared one (a failed call: reconnect next time)."""
+        if conn is not None and conn is self.conn:
+            self.conn = None
+            conn.close()
+
+
+class AsyncGatewayClient:
+    """Async gateway calls for triggers over one SSH connection shared by every client of the
+    event loop (see :class:`_SharedSsh`); a failed call drops it and the next call reconnects.
+
+    sshd throttles new connections (MaxStartups), so all polls, all jobs and the cancels of
+    one triggerer reuse one ``asyncssh`` connection from ``SSHHookAsync``; the local transport
+    uses an async subprocess per call.
+
+    :param hpc_conn_id: Airflow connection id (as for :class:`HpcGatewayHook`).
+    :param timeout: seconds one call (or one connection set-up) may take.
     """
 
     def __init__(self, hpc_conn_id: str = DEFAULT_CONN_ID, timeout: float = 120.0) -> None:
         self.hpc_conn_id = hpc_conn_id
         self.timeout = timeout
         self._sync = HpcGatewayHook(hpc_conn_id, timeout)
-        self._conn: Any = None
+        self._shared: _SharedSsh | None = None
+        #: gateway calls made by this client
         self.calls = 0
 
     async def _ssh_conn(self) -> Any:
-        if self._conn is None:
-            from airflow.providers.ssh.hooks.ssh import SSHHookAsync
-
-            self._conn = await SSHHookAsync(ssh_conn_id=self.hpc_conn_id).get_conn()
-        return self._conn
+        if self._shared is None:
+            self._shared = _SharedSsh.of(self.hpc_conn_id)
+            self._shared.acquire()
+        return await self._shared.connection(self.timeout)
 
     async def call(self, verb: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         body = json.dumps(request or {}).encode()
         transport = self._sync._transport or await asyncio.to_thread(self._sync._resolve)
         self.calls += 1
+        started = time.time()
         if transport == "local":
             assert self._sync._local_argv is not None
             try:
@@ -504,15 +635,19 @@ class AsyncGatewayClient:
                 out, err = await asyncio.wait_for(proc.communicate(body), self.timeout)
             except (OSError, TimeoutError) as exc:
                 raise HpcTransportError(f"local gateway did not answer: {exc}") from exc
+            STATS.record("call", "async", verb, started)
             return decode_reply(verb, proc.returncode or 0, out, err)
+        conn = None
         try:
             conn = await self._ssh_conn()
             result = await asyncio.wait_for(
                 conn.run(verb, input=body, encoding=None, check=False), self.timeout
             )
         except Exception as exc:  # noqa: BLE001 - asyncssh raises many types; all mean "retry"
-            await self.close()
+            if self._shared is not None:
+                self._shared.drop(conn or self._shared.conn)
             raise HpcTransportError(f"SSH call {verb!r} failed: {exc}") from exc
+        STATS.record("call", "async", verb, started)
         return decode_reply(
             verb, result.exit_status or 0, result.stdout or b"", result.stderr or b""
         )
@@ -528,8 +663,7 @@ class AsyncGatewayClient:
         return CancelReply.model_validate(await self.call("cancel", request))
 
     async def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        """Release this client's share of the connection (it closes once idle)."""
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            shared.release()

@@ -199,3 +199,22 @@ def test_the_task_log_gets_the_jobs_accounting_line(capsys: pytest.CaptureFixtur
             "exit code 0, MaxRSS 12.5 MiB") in capsys.readouterr().out
     unknown = accounting_line({"job_id": "j", "state": "FAILED", "exit_code": 75})
     assert unknown == "cluster job j FAILED: node ?, elapsed ? of ? limit, exit code 75, MaxRSS ?"
+
+
+def test_a_reattaching_retry_mints_no_omero_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image step's retry that reattaches sends nothing to the cluster: no new OMERO session
+    is minted (the running job keeps the one it got)."""
+    import hooks.omero
+    from hpc_jobs.registry import EXPORT_ZARR
+    from tests.unit.test_omero_session_minting import Cluster, Minter
+
+    Minter.minted, Minter.closed = [], []
+    monkeypatch.setattr(hooks.omero, "OmeroSessionHook", Minter)
+    op = HpcStepOperator(task_id="check", step=EXPORT_ZARR, step_params={"image_id": 1},
+                         omero_conn_id="omero_site", retries=RETRIES)
+    assert op.needs_session(), "a step that would get a session on submit"
+    cluster = Cluster(existing=(_key(1),))
+    op.__dict__["hook"] = cluster
+    deferred = _run_try(op, _TI(2))
+    assert deferred.trigger.job_id == _key(1)
+    assert (cluster.submits, Minter.minted) == ([], [])

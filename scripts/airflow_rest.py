@@ -41,6 +41,8 @@ from typing import Any
 #: Run states after which nothing more happens (Airflow 3's ``DagRunState``).
 FINISHED = ("success", "failed")
 EXIT_OK, EXIT_RUN_FAILED, EXIT_REFUSED, EXIT_TIMEOUT = 0, 1, 2, 3
+#: Tries of a GET on a timeout or connection error.
+GET_ATTEMPTS = 3
 
 
 class RestError(Exception):
@@ -103,16 +105,30 @@ class AirflowClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as reply:  # noqa: S310
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RestError(f"cannot reach the Airflow api-server at {self.url} ({reason}); "
-                            "check --url and that the api-server runs (`make ui` starts one)"
-                            ) from None
+        # reads (and the login) are retried on a timeout or a dropped connection (a busy or
+        # restarting api-server); writes are not: a lost reply to a trigger must not become
+        # two runs
+        attempts = GET_ATTEMPTS if method == "GET" or path == "/auth/token" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as reply:  # noqa: S310
+                    return reply.status, reply.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if attempt < attempts:
+                    time.sleep(2.0 * attempt)
+                    continue
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    raise RestError(
+                        f"{method} {path}: no answer from {self.url} within {self.timeout:g} s; "
+                        "the api-server is overloaded or stuck: check its log, or raise "
+                        "--http-timeout") from None
+                raise RestError(f"cannot reach the Airflow api-server at {self.url} ({reason}); "
+                                "check --url and that the api-server runs (`make ui` starts one)"
+                                ) from None
+        raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, what: str, fix: str, body: Any = None,
              query: dict[str, Any] | None = None, ok: tuple[int, ...] = (200,)) -> Any:
@@ -347,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default $AIRFLOW_USER or admin")
     parser.add_argument("--password-file", type=argparse.FileType("r"),
                         help="a file holding the password (else $AIRFLOW_PASSWORD)")
+    parser.add_argument("--http-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="per request (default 60)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="unpause, trigger with a conf, wait, list tasks, show a log")
@@ -376,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = AirflowClient(args.url)
+    client = AirflowClient(args.url, args.http_timeout)
     try:
         if args.command == "run":  # a typo in the conf is found before anything is sent
             args.conf_object = parse_conf(args)

@@ -46,6 +46,10 @@ FAST_ENV = {
     "AIRFLOW__CORE__PARALLELISM": "2",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+    # A task's calls to the execution API time out after 5 s by default; on a loaded CI machine
+    # the api-server took 39 s to start a task, the task's retry of that (already applied) call
+    # got HTTP 400 and the task failed. Airflow's advice for high load: a longer timeout.
+    "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "90",
 }
 
 
@@ -179,7 +183,10 @@ def start_stack(env: dict[str, str], logs: Path, unpause: Iterable[str] = ()) ->
         login = re.search(r"user 'admin', password '([^']+)'", st.output())
         assert login, f"the script prints the login:\n{st.output()}"
         st.password = login.group(1)
-        reply = st.http.post("/auth/token", json={"username": "admin", "password": st.password})
+        # the api-server's first request loads most of its app: on a loaded machine it may take
+        # longer than one client timeout, so a timed-out login is tried again (bounded)
+        reply = st.wait_for("POST /auth/token to answer", lambda: st.http.post(
+            "/auth/token", json={"username": "admin", "password": st.password}), START_TIMEOUT_S)
         assert reply.status_code == 201, reply.text
         st.token = reply.json()["access_token"]
         for dag_id in unpause:

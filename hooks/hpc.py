@@ -91,6 +91,9 @@ MAX_RETRY_DELAY_S = 30.0
 #: Seconds a shared async SSH connection stays open after its last client closed (the next
 #: job's trigger then polls without a new handshake; sshd's MaxStartups throttles handshakes).
 SSH_IDLE_CLOSE_S = 60.0
+#: Most gateway calls in flight on one shared SSH connection (OpenSSH's MaxSessions defaults
+#: to 10 channels per connection; more would be refused, e.g. a burst of give-up cancels).
+MAX_CHANNELS = 8
 R = TypeVar("R", bound=BaseModel)
 log = logging.getLogger(__name__)
 
@@ -535,6 +538,8 @@ class _SharedSsh:
         self.conn: Any = None
         self.users = 0
         self._lock = asyncio.Lock()
+        #: limits the calls in flight on the connection to :data:`MAX_CHANNELS`
+        self.channels = asyncio.Semaphore(MAX_CHANNELS)
         self._generation = 0
         self._closer: asyncio.Task[None] | None = None
 
@@ -640,9 +645,11 @@ class AsyncGatewayClient:
         conn = None
         try:
             conn = await self._ssh_conn()
-            result = await asyncio.wait_for(
-                conn.run(verb, input=body, encoding=None, check=False), self.timeout
-            )
+            assert self._shared is not None
+            async with self._shared.channels:
+                result = await asyncio.wait_for(
+                    conn.run(verb, input=body, encoding=None, check=False), self.timeout
+                )
         except Exception as exc:  # noqa: BLE001 - asyncssh raises many types; all mean "retry"
             if self._shared is not None:
                 self._shared.drop(conn or self._shared.conn)

@@ -20,7 +20,13 @@ import asyncssh
 import pytest
 
 import hooks.hpc as hpc
-from hooks.hpc import STATS, AsyncGatewayClient, HpcGatewayHook, HpcTransportError
+from hooks.hpc import (
+    MAX_CHANNELS,
+    STATS,
+    AsyncGatewayClient,
+    HpcGatewayHook,
+    HpcTransportError,
+)
 from hpc_jobs.config import SiteConfig
 from hpc_jobs.gateway import handle
 
@@ -35,6 +41,8 @@ class _GatewayServer:
         self.opened = 0
         self.open_now = 0
         self.conns: list[asyncssh.SSHServerConnection] = []
+        self.execs_now = 0
+        self.most_execs = 0
         self.loop = asyncio.new_event_loop()
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -85,10 +93,16 @@ class _GatewayServer:
         )
 
     async def _exec(self, process: asyncssh.SSHServerProcess) -> None:
-        body = await process.stdin.read()
-        reply, status = await asyncio.to_thread(handle, process.command, body, self.site_toml)
-        process.stdout.write(json.dumps(reply).encode() + b"\n")
-        process.exit(status)
+        self.execs_now += 1
+        self.most_execs = max(self.most_execs, self.execs_now)
+        try:
+            body = await process.stdin.read()
+            reply, status = await asyncio.to_thread(handle, process.command, body,
+                                                    self.site_toml)
+            process.stdout.write(json.dumps(reply).encode() + b"\n")
+            process.exit(status)
+        finally:
+            self.execs_now -= 1
 
     def wait_open_now(self, expected: int, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
@@ -177,17 +191,20 @@ def test_idle_connection_closes_and_the_next_call_reconnects(
     assert opened == 2
 
 
-def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
-    server: _GatewayServer,
-) -> None:
+def test_polls_go_on_after_the_server_dropped_the_connection(server: _GatewayServer) -> None:
+    """A restarted sshd or a lost link: at most one call fails (if the client had not noticed
+    the close yet), the next one reconnects, exactly once."""
+
     async def scenario() -> tuple[int, int]:
         client = AsyncGatewayClient(CONN_ID)
         await client.status(["job-1"])
         await asyncio.to_thread(server.drop_all)
         await asyncio.to_thread(server.wait_open_now, 0)
-        with pytest.raises(HpcTransportError, match="SSH call 'status' failed"):
-            await client.status(["job-1"])
         connects = STATS.ssh_connects
+        try:
+            await client.status(["job-1"])
+        except HpcTransportError as exc:
+            assert "SSH call 'status' failed" in str(exc)
         statuses = await client.status(["job-1"])
         assert statuses[0].job_id == "job-1"
         await client.close()
@@ -195,3 +212,22 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
 
     opened, reconnects = asyncio.run(scenario())
     assert (opened, reconnects) == (2, 1)
+
+
+def test_a_burst_of_calls_stays_within_the_servers_session_limit(server: _GatewayServer) -> None:
+    """E.g. the give-up cancels of many jobs at once: sshd refuses channels beyond its
+    MaxSessions (10 by default), so the shared connection keeps at most MAX_CHANNELS open."""
+
+    async def burst() -> list[Any]:
+        clients = [AsyncGatewayClient(CONN_ID) for _ in range(2)]
+        calls = [clients[i % 2].status([f"job-{i}"]) for i in range(24)]
+        try:
+            return await asyncio.gather(*calls)
+        finally:
+            for client in clients:
+                await client.close()
+
+    replies = asyncio.run(burst())
+    assert [r[0].job_id for r in replies] == [f"job-{i}" for i in range(24)]
+    assert server.opened == 1
+    assert 1 < server.most_execs <= MAX_CHANNELS < 10

@@ -212,3 +212,14 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
         if made:
             shutil.rmtree(secrets)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_login_node_sshd_config_is_accepted_by_sshd(tmp_path: Path) -> None:
+    sshd, keygen = Path("/usr/sbin/sshd"), shutil.which("ssh-keygen")
+    if not sshd.exists() or keygen is None:
+        pytest.skip("openssh-server is not installed (make test installs it for the sandbox)")
+    key = tmp_path / "host_key"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    proc = subprocess.run([str(sshd), "-t", "-f", str(DOCKER / "login-node" / "sshd_config"),
+                           "-o", f"HostKey={key}"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -289,9 +289,22 @@ def _forward_processes(listen_port: int) -> list[int]:
     return pids
 
 
+def _idle_cpus() -> int:
+    """Idle CPUs of the sandbox's node (sinfo's A/I/O/T)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%C"], capture_output=True, text=True,
+                         timeout=30, check=False).stdout.split("/")
+    return int(out[1]) if len(out) == 4 else 0
+
+
+def _queue() -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i %j %T %C %R"], capture_output=True,
+                          text=True, timeout=30, check=False).stdout
+
+
 def _explain(world: TunnelWorld, site: SiteConfig, jobs: list[str]) -> str:
     """What the jobs, the bookkeeping and the keeper say (for a failure message)."""
-    parts = [f"states: {_states(world, world.tunnel_site, jobs)}", f"state: {read_state(site)}"]
+    parts = [f"states: {_states(world, world.tunnel_site, jobs)}", f"state: {read_state(site)}",
+             f"queue: {_queue()}"]
     for key in jobs:
         log = JobDir(site.job_root, key).log_path
         parts.append(f"{key}: {log.read_text() if log.exists() else '(no log yet)'}")
@@ -310,6 +323,8 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
     assert can_connect("127.0.0.1", world.svc_port) is not None
     assert can_connect(world.ns_ip, world.svc_port) is not None
 
+    # two jobs at once need two idle CPUs (the sandbox node may still run another test's job)
+    _wait(lambda: _idle_cpus() >= 2, 90, f"2 idle CPUs on the node: {_queue()}")
     jobs = [_submit(world, world.tunnel_site, JOB_SLEEP_S) for _ in range(2)]
     control = _submit(world, world.direct_site, 0)
 
@@ -369,3 +384,30 @@ def test_two_jobs_share_one_forward_and_reach_the_service_only_through_it(
     _wait(lambda: "nothing to do for" in keeper_log.read_text(), 20, "the keeper to go idle")
     _wait(lambda: not _running(int(pid)), 10, "the keeper process to end")
     assert keeper_log.read_text().count("forward open to") == 1, keeper_log.read_text()
+
+
+def test_the_keeper_key_opens_its_forward_and_nothing_else(world: TunnelWorld) -> None:
+    """The node's authorized_keys line for the keeper: no command, no other listen port, no
+    local forward (a stolen key reaches nothing but the one forward the site configured)."""
+    cfg = SiteConfig.load(world.tunnel_site).tunnel
+    assert cfg is not None
+    ssh = [
+        "ip", "netns", "exec", world.netns, "ssh", "-F", "none", "-i", str(cfg.key),
+        "-p", str(cfg.ssh_port), "-l", str(cfg.node_user), "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={cfg.known_hosts}", "-o", "ExitOnForwardFailure=yes",
+    ]
+
+    def attempt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ssh, *args], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL, check=False)
+
+    command = attempt("--", world.host_ip, "id")
+    assert command.returncode != 0 and command.stdout == "", command
+    other_port = _free_port()
+    listen = attempt("-N", "-R", f"127.0.0.1:{other_port}:127.0.0.1:{world.svc_port}",
+                     "--", world.host_ip)
+    assert listen.returncode == 255 and "forwarding failed" in listen.stderr, listen
+    assert can_connect("127.0.0.1", other_port) is not None
+    local = attempt("-W", f"127.0.0.1:{P.SSH_PORT}", "--", world.host_ip)
+    assert local.returncode == 255 and "prohibited" in local.stderr, local

@@ -78,6 +78,10 @@ class StoreConfig(_Cfg):
     #: ``reverse_tunnel`` (the login node opens an SSH reverse forward to the job's node and
     #: jobs connect to ``127.0.0.1:<tunnel.listen_port>``; see :mod:`hpc_jobs.tunnel`).
     route: Literal["direct", "reverse_tunnel"] = "direct"
+    #: The name the server's certificate must carry when ``host`` is another address than
+    #: the server's name. Set by the reverse tunnel (jobs connect to 127.0.0.1) to the
+    #: configured host; a site file does not set it.
+    tls_name: str | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> StoreConfig:
@@ -233,6 +237,12 @@ class SiteConfig(_Cfg):
             raise ValueError(
                 'store.route = "reverse_tunnel" needs a [tunnel] table with at least key and '
                 "known_hosts (see hpc_jobs/tunnel.py)"
+            )
+        if not self.store.secure:
+            raise ValueError(
+                'store.route = "reverse_tunnel" needs store.secure = true: only the TLS port '
+                "is forwarded, and an insecure data connection goes to the server's own "
+                "address, which compute nodes cannot reach"
             )
         return self
 

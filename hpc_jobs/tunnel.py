@@ -358,6 +358,8 @@ def route_job(
     print(f"omeflow: OMERO {store.host}:{store.port} reached at {LOOPBACK}:{port} through the "
           f"login node's reverse tunnel to node {route.node}", flush=True)
     routed = site.model_copy(
-        update={"store": store.model_copy(update={"host": LOOPBACK, "port": port})}
+        update={"store": store.model_copy(
+            update={"host": LOOPBACK, "port": port, "tls_name": store.tls_name or store.host}
+        )}
     )
     return routed, route

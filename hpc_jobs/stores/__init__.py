@@ -28,6 +28,7 @@ def open_store(config: StoreConfig, secrets: Secrets | None = None) -> ImageStor
         session_key=key,
         secure=config.secure,
         ca_file=config.ca_file,
+        tls_name=config.tls_name,
     )
 
 
@@ -45,7 +46,9 @@ def end_session(config: StoreConfig, secrets: Secrets) -> str:
     from hpc_jobs.stores import omero as omero_store
 
     try:
-        ended = omero_store.end_session(config.host or "", config.port, key, config.ca_file)
+        ended = omero_store.end_session(
+            config.host or "", config.port, key, config.ca_file, tls_name=config.tls_name
+        )
     except Exception as exc:  # noqa: BLE001 - best-effort: the time-to-live still bounds it
         why = f"{type(exc).__name__}: {exc}".replace(key, "***")
         _log.warning(

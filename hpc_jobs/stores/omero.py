@@ -121,9 +121,11 @@ def _names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
 
-def _open_session(host: str, port: int, ca_file: str | Path | None, start: Any) -> Any:
+def _open_session(
+    host: str, port: int, ca_file: str | Path | None, start: Any, tls_name: str | None = None
+) -> Any:
     """A client with a session (``start(client)`` creates or joins it), errors named."""
-    client = new_client(host, port, ca_file)
+    client = new_client(host, port, ca_file, tls_name)
     try:
         start(client)
     except Exception as exc:  # noqa: BLE001 - Ice raises many types; sorted below
@@ -154,7 +156,11 @@ class SessionRefused(StoreError):
 
 
 def end_session(
-    host: str, port: int, session_key: str, ca_file: str | Path | None = None
+    host: str,
+    port: int,
+    session_key: str,
+    ca_file: str | Path | None = None,
+    tls_name: str | None = None,
 ) -> bool:
     """End a job's session for good; False if it had already ended.
 
@@ -165,7 +171,9 @@ def end_session(
     """
     _require_omero()
     try:
-        client = _open_session(host, port, ca_file, lambda c: c.joinSession(session_key))
+        client = _open_session(
+            host, port, ca_file, lambda c: c.joinSession(session_key), tls_name
+        )
     except SessionRefused:
         return False
     try:
@@ -202,12 +210,15 @@ class OmeroStore:
         session_key: str | None = None,
         secure: bool = True,
         ca_file: str | Path | None = None,
+        tls_name: str | None = None,
     ) -> OmeroStore:
         """Join an existing session (the job's key); closing leaves the session alive.
 
         The join itself always runs over TLS (the session key crosses it); ``secure=False``
         then switches the data connection to the server's insecure router
-        (``BlitzGateway.setSecure``), as a password login does.
+        (``BlitzGateway.setSecure``), as a password login does. ``tls_name``: the name the
+        server's certificate must carry when ``host`` is another address (the reverse
+        tunnel's, :mod:`hpc_jobs.tunnel`).
         """
         blitz = _require_omero()
         if not host:
@@ -222,7 +233,8 @@ class OmeroStore:
         # detachOnDestroy: closing our connection leaves the session to its owner, as
         # BlitzGateway.connect(sUuid=...) does after joinSession (omero-py gateway)
         client = _open_session(
-            host, port, ca_file, lambda c: c.joinSession(session_key).detachOnDestroy()
+            host, port, ca_file, lambda c: c.joinSession(session_key).detachOnDestroy(),
+            tls_name,
         )
         return cls._ready(blitz(client_obj=client), secure, close_session=False)
 

@@ -29,11 +29,17 @@ from hpc_jobs.stores.base import StoreError
 PINNED_CIPHERS = "HIGH:!aNULL:!ADH:!LOW:!MD5:!EXP:!3DES"
 
 
-def tls_properties(ca_file: str | Path | None) -> dict[str, str]:
+def tls_properties(
+    ca_file: str | Path | None, tls_name: str | None = None
+) -> dict[str, str]:
     """Ice properties that make the client verify the server against ``ca_file``.
 
     Empty without a CA (omero-py's default: encrypted, not authenticated). A CA file that is
-    missing is an error, never a silent fallback to no checks.
+    missing is an error, never a silent fallback to no checks. ``tls_name``: the client
+    connects through another address than the server's name (the reverse tunnel's
+    ``127.0.0.1``), so the name check is made against ``tls_name`` instead: the certificate's
+    subject must carry ``CN=<tls_name>`` (``IceSSL.TrustOnly.Client``; ``CheckCertName``
+    would compare it with 127.0.0.1).
     """
     if not ca_file:
         return {}
@@ -44,16 +50,24 @@ def tls_properties(ca_file: str | Path | None) -> dict[str, str]:
             "connection extra 'ca_file' to the PEM file of the CA that signed the OMERO "
             "server's certificate"
         )
-    return {
+    props = {
         "IceSSL.CAs": str(ca.resolve()),
         "IceSSL.VerifyPeer": "1",
         "IceSSL.CheckCertName": "1",
         "IceSSL.Ciphers": PINNED_CIPHERS,
     }
+    if tls_name:
+        props["IceSSL.CheckCertName"] = "0"
+        props["IceSSL.TrustOnly.Client"] = f"CN={tls_name}"
+    return props
 
 
-def new_client(host: str, port: int, ca_file: str | Path | None = None) -> Any:
-    """An ``omero.client`` for ``host:port`` (no session yet), CA-pinned when ``ca_file``."""
+def new_client(
+    host: str, port: int, ca_file: str | Path | None = None, tls_name: str | None = None
+) -> Any:
+    """An ``omero.client`` for ``host:port`` (no session yet), CA-pinned when ``ca_file``
+    (the certificate checked for ``tls_name`` when given, else for ``host``)."""
     import omero  # omero/__init__.py exposes omero.client (src/omero/clients.py)
 
-    return omero.client(host=str(host), port=int(port), pmap=tls_properties(ca_file))
+    pmap = tls_properties(ca_file, tls_name)
+    return omero.client(host=str(host), port=int(port), pmap=pmap)

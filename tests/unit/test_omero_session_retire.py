@@ -38,7 +38,8 @@ def ended(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Every OMERO session end the cluster side asks for (host, port, key, ca_file)."""
     calls: list[tuple[Any, ...]] = []
 
-    def record(host: str, port: int, session_key: str, ca_file: Any = None) -> bool:
+    def record(host: str, port: int, session_key: str, ca_file: Any = None,
+               tls_name: Any = None) -> bool:
         calls.append((host, port, session_key, ca_file))
         return True
 
@@ -209,7 +210,7 @@ def test_end_session_joins_and_kills_and_never_logs_the_key(
     clients: list[Client] = []
     reachable = [True]
 
-    def new_client(host: str, port: int, ca_file: Any) -> Client:
+    def new_client(host: str, port: int, ca_file: Any, tls_name: Any = None) -> Client:
         clients.append(Client(sessions, reachable[0]))
         return clients[-1]
 

@@ -55,6 +55,9 @@ def test_a_reverse_tunnel_site_must_be_complete(tmp_path: Path) -> None:
         'scheduler = "slurm"\n[store]\nkind = "omero"\nhost = "o"\nroute = "reverse_tunnel"\n':
             "needs a [tunnel] table with at least key and known_hosts",
         '[store]\nkind = "omero"\nhost = "o"\nroute = "tunnel"\n': "store.route",
+        'scheduler = "slurm"\n[store]\nkind = "omero"\nhost = "o"\nsecure = false\n'
+        'route = "reverse_tunnel"\n[tunnel]\nkey = "k"\nknown_hosts = "h"\n':
+            "needs store.secure = true",
     }
     for body, fix in cases.items():
         with pytest.raises(GatewayError) as err:
@@ -122,6 +125,28 @@ def test_a_job_with_no_keeper_gives_up_and_says_where_to_look(
     assert "python -m hpc_jobs.tunnel_keeper --site" in message
     assert err.value.retryable
     assert read_state(site).users == {}, "a job that gave up must leave the bookkeeping"
+
+
+def test_an_open_forward_routes_the_store_to_the_nodes_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as listener:  # the node sshd's end of the forward
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        site = _site(tmp_path, listen_port=port)
+        monkeypatch.setenv("SLURM_JOB_ID", "91")
+        monkeypatch.setenv("SLURMD_NODENAME", "node5")
+        with locked_state(site) as state:  # what the keeper records once ssh is up
+            state.forwards["node5"] = {"state": "open", "pid": 1, "since": time.time()}
+        routed, route = route_job(site, None, needs_store=True)
+    assert route is not None
+    assert (routed.store.host, routed.store.port) == ("127.0.0.1", port)
+    # the certificate is still checked for the real server (omero_tls, tls_name)
+    assert routed.store.tls_name == "omero.example.org"
+    assert read_state(site).users["91"]["node"] == "node5"
+    route.release()
+    assert read_state(site).users == {}
 
 
 def test_a_failed_forward_fails_a_store_step_and_only_warns_another(

@@ -65,6 +65,14 @@ class CrashStack:
         self.token = ""
 
     # -- processes ---------------------------------------------------------------------------
+    @staticmethod
+    def _die_with_parent() -> None:
+        """In the child before exec: SIGKILL when the test process dies (even by kill -9), so
+        that no component outlives a test run that was killed (Linux ``PR_SET_PDEATHSIG``)."""
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
     def start(self, name: str) -> None:
         """Start one component (its own process group; output appended to its log)."""
         with open(self.logs / f"{name}.log", "ab") as out:
@@ -72,7 +80,7 @@ class CrashStack:
                 _ui_script().component_argv(name, self.host, self.port, 1), env=self.env,
                 cwd=REPO,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=self._die_with_parent,
             )
 
     def start_all(self) -> None:

@@ -16,6 +16,7 @@ serialized Dag, else :data:`~hooks.hpc.DEFAULT_CONN_ID` (:func:`task_hpc_conn_id
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ from hooks.hpc import (
     HpcGatewayHook,
     HpcTransportError,
 )
-from hpc_jobs.protocol import JobStatus, QueueEntry
+from hpc_jobs.protocol import CancelReply, JobStatus, QueueEntry
 from operators.hpc_step import PHASES, task_job_key
+
+log = logging.getLogger(__name__)
 
 #: Where the plugin's FastAPI app is mounted in the API server.
 URL_PREFIX = "/omeflow"
@@ -287,3 +290,23 @@ def cluster_queues(conn_ids: Iterable[str]) -> tuple[dict[str, list[QueueEntry]]
         except GATEWAY_ERRORS as exc:
             errors.append(f"connection {conn_id!r}: {exc}")
     return queues, errors
+
+
+def cancel_task_try(row: HpcJobRow, by: str) -> CancelReply:
+    """Cancel the task try's job and its later phases' jobs (a merge) through its gateway
+    connection, recorded as cancelled ``by`` that person. The first job's reply is returned;
+    a phase job that was never submitted is skipped.
+
+    :raises HpcGatewayError | HpcTransportError | HpcConfigError: the first job's cancel failed.
+    """
+    if row.job_id is None:
+        raise HpcConfigError(f"{row.task_label} has not run yet: there is no job to cancel")
+    hook = HpcGatewayHook(row.hpc_conn_id, timeout=GATEWAY_TIMEOUT_S)
+    reply = hook.cancel(row.job_id, by=by)
+    for phase in phases():
+        try:
+            hook.cancel(row.phase_job_id(phase) or "", by=by)
+        except HpcGatewayError as exc:
+            if exc.code != "NOT_FOUND":
+                log.warning("cancel of %s's %s job: %s", row.job_id, phase, exc)
+    return reply

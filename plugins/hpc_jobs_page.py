@@ -56,16 +56,17 @@ from hpc_jobs_data import (
     HpcJobRow,
     JobFilter,
     Phase,
+    cancel_task_try,
     cluster_queues,
     live_status,
     log_path,
-    phases,
     recent_hpc_jobs,
     task_hpc_conn_id,
     task_query,
 )
 from hpc_jobs_render import AIRFLOW_STATES, page, render_job_view, render_jobs, render_queue
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from hooks.hpc import HpcGatewayError, HpcGatewayHook
 from hpc_jobs.protocol import MAX_CHUNK_BYTES, JobStatus
@@ -373,18 +374,12 @@ async def cancel_job(
                             "Forbidden: the cancel token is missing or wrong; cancel from the "
                             "HPC jobs page (reload it if it is old)")
     by = cancelled_by(user)
-    hook = HpcGatewayHook(row.hpc_conn_id, timeout=GATEWAY_TIMEOUT_S)
     try:
-        reply = hook.cancel(job_id, by=by)
+        # a gateway call (SSH or a subprocess) blocks: not on the api-server's event loop
+        reply = await run_in_threadpool(cancel_task_try, row, by)
     except GATEWAY_ERRORS as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                             f"the gateway did not cancel {job_id}: {exc}") from exc
-    for phase in phases():  # a later job of the same try (a merge) may run too
-        try:
-            hook.cancel(row.phase_job_id(phase) or "", by=by)
-        except HpcGatewayError as exc:
-            if exc.code != "NOT_FOUND":
-                log.warning("cancel of %s's %s job: %s", job_id, phase, exc)
     log.info("%s cancelled cluster job %s (now %s)", by, job_id, reply.state.value)
     notice = f"Cancel of {row.task_label} (try {row.try_number}) sent by {by}: {reply.state.value}"
     root = _root(request)

@@ -194,8 +194,9 @@ def job_row(row: HpcJobRow, live: Mapping[str, JobStatus], root: str,
     token = cancel.get(row.job_id or "")
     if token and job is not None and not job.state.terminal:
         links.append(cancel_form(root + cancel_action(row), token, "jobs"))
-    native = f"<div class='native-id' title='native id'>{e(job.native_id)}</div>" if (
-        job and job.native_id) else ""
+    native = ""
+    if job and job.native_id and job.native_id != row.job_id:  # the local scheduler's is the key
+        native = f"<div class='native-id'>{short(job.native_id, 12, 'native')}</div>"
     return (
         f"<tr class='job' data-job-id='{e(row.job_id or '')}' data-dag-id='{e(row.dag_id)}'>"
         f"<td class='task'><span title='{e(row.operator)}'>{e(row.task_label)}</span>"
@@ -305,7 +306,8 @@ def render_queue(queues: Mapping[str, Sequence[QueueEntry]], errors: Sequence[st
             continue
         rows = "".join(
             f"<tr data-native-id='{e(q.native_id)}' data-job-id='{e(q.job_id or '')}'>"
-            f"<td>{e(q.native_id)}</td><td>{short(q.job_id) or '<i>not omeflow</i>'}</td>"
+            f"<td>{short(q.native_id, 12, 'native')}</td>"
+            f"<td>{short(q.job_id) or '<i>not omeflow</i>'}</td>"
             f"<td>{cluster_badge(q.state)}</td><td>{e(q.partition)}</td><td>{e(q.node)}</td>"
             f"<td>{e(elapsed_of_limit(q))}</td><td>{e(_when(q.submitted_at))}</td>"
             f"<td class='reason'><span title='{e(q.reason)}'>{e(q.reason)}</span></td></tr>"
@@ -344,7 +346,8 @@ def render_job_view(
     ]
     if job is not None:
         facts += [
-            ("State", cluster_badge(job.state)), ("Native id", e(job.native_id)),
+            ("State", cluster_badge(job.state)),
+            ("Native id", e(job.native_id) if job.native_id != job_id else ""),
             ("Node", e(job.node)), ("Elapsed / limit", e(elapsed_of_limit(job))),
             ("Exit code", e(job.exit_code)), ("Reason", e(job.reason)),
             ("MaxRSS", e(memory(job.max_rss_mb))), ("Progress", progress_bar(job.progress)),

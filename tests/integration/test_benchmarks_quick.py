@@ -70,8 +70,20 @@ RATIO_LINES: dict[str, list[str]] = {
     "orchestration_overhead.py": [
         rf"^run  1: success\s+task\s+{NUM} s\s+job\s+{NUM} s\s+overhead\s+-?{NUM} s",
         rf"^local: runs=1 median overhead -?{NUM} s .* overhead / task = -?{NUM}",
+        rf"^gateway process start \(ping on an open connection\): median {NUM} ms",
+        r"^breakdown over 1 runs, seconds: median \(min, max\)",
+        rf"^\s+task start-up\s+-?{NUM} \(min",
+        rf"^\s+task resume\s+-?{NUM} \(min",
+    ],
+    "poll_cost.py": [
+        rf"^local\s+100 jobs:\s+{NUM} polls,\s+{NUM} status calls in {NUM} s \({NUM} per 1 s "
+        rf"interval, 100 ids tracked",
+        rf"^local\s+1000 jobs: .*1000 ids tracked, call {NUM} s\); triggerer CPU {NUM} s/min",
+        rf"^local: ratio 1000/100 jobs: calls per interval {NUM}, triggerer CPU {NUM}",
     ],
 }
+#: Scripts that import Airflow and need a migrated AIRFLOW_HOME.
+AIRFLOW_SCRIPTS = {"orchestration_overhead.py", "poll_cost.py"}
 
 
 def scripts() -> list[str]:
@@ -98,7 +110,7 @@ def run_quick(script: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("script", sorted(set(RATIO_LINES) - {"orchestration_overhead.py"}))
+@pytest.mark.parametrize("script", sorted(set(RATIO_LINES) - AIRFLOW_SCRIPTS))
 def test_cluster_side_benchmark_quick(script: str, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
     run_quick(script, env)
@@ -107,3 +119,8 @@ def test_cluster_side_benchmark_quick(script: str, tmp_path: Path) -> None:
 def test_orchestration_overhead_quick(airflow_env: dict[str, str]) -> None:
     """One ``dag.test()`` run on the embedded default (local gateway, local scheduler)."""
     run_quick("orchestration_overhead.py", dict(airflow_env))
+
+
+def test_poll_cost_quick(airflow_env: dict[str, str]) -> None:
+    """100 and 1000 tracked jobs polled through the local gateway by the real triggers."""
+    run_quick("poll_cost.py", dict(airflow_env))

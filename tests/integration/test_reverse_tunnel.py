@@ -411,3 +411,29 @@ def test_the_keeper_key_opens_its_forward_and_nothing_else(world: TunnelWorld) -
     assert can_connect("127.0.0.1", other_port) is not None
     local = attempt("-W", f"127.0.0.1:{P.SSH_PORT}", "--", world.host_ip)
     assert local.returncode == 255 and "prohibited" in local.stderr, local
+
+
+def test_a_cancelled_job_does_not_keep_the_forward_open(world: TunnelWorld) -> None:
+    """scancel kills the job before it can remove its entry: the keeper drops it once the job
+    left the queue, closes the forward and, idle again, exits."""
+    site = SiteConfig.load(world.tunnel_site)
+    _wait(lambda: _idle_cpus() >= 1, 90, f"an idle CPU on the node: {_queue()}")
+    started = len(re.findall(r"started for", _keeper_log(site)))
+    key = _submit(world, world.tunnel_site, 120)
+    try:
+        _wait(lambda: len(read_state(site).users) == 1 and bool(_forward_processes(
+            world.listen_port)), 60, "the job to be routed")
+    except AssertionError:
+        raise AssertionError(_explain(world, site, [key])) from None
+    _gateway(world, world.tunnel_site, "cancel", {"job_id": key})
+    _wait(lambda: not _forward_processes(world.listen_port), 30, "the forward to close")
+    state = read_state(site)
+    assert state.users == {} and state.forwards == {}, state
+    assert re.search(r"jobs ended: \d+", _keeper_log(site).split("started for")[-1])
+    _wait(lambda: len(re.findall(r"nothing to do for", _keeper_log(site))) > started, 30,
+          "the keeper to exit once idle")
+
+
+def _keeper_log(site: SiteConfig) -> str:
+    log = tunnels_dir(site) / "keeper.log"
+    return log.read_text() if log.exists() else ""

@@ -29,7 +29,7 @@ import pytest
 
 from hooks.annotations import AnnotationStore
 from hpc_jobs import crops as crop_render
-from tests.integration.test_rest_and_plugin import START_TIMEOUT_S, Stack, _free_port
+from tests.stack_fixture import START_TIMEOUT_S, Stack, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def _start(airflow_env: dict[str, str], tmp: Path) -> AnnotationUi:
     )
     store = AnnotationStore.from_url(f"sqlite:///{home / 'var' / 'annotations.sqlite'}")
     store.migrate()
-    port = _free_port()
+    port = free_port()
     stack = Stack(f"http://127.0.0.1:{port}", env, tmp)
     stack.start(port)
     try:

@@ -19,6 +19,7 @@ the gateway) exits by itself once idle, which the test checks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ class TunnelWorld:
     svc_port: int
     listen_port: int
     service_log: Path
+    #: (site file, job key) of every job submitted: cancelled at teardown if still there
+    submitted: list[tuple[Path, str]] = field(default_factory=list)
 
     def connections(self) -> list[dict[str, Any]]:
         if not self.service_log.exists():
@@ -163,6 +166,7 @@ def world(sandbox: dict[str, Any]) -> Iterator[TunnelWorld]:  # noqa: F811
     base = P.ROOT / f"tunnel-test-{uuid.uuid4().hex[:8]}"
     base.mkdir(mode=0o755)
     procs: list[subprocess.Popen[bytes]] = []
+    world: TunnelWorld | None = None
     try:
         _run(["ip", "netns", "add", netns])
         _run(["ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns,
@@ -222,9 +226,14 @@ def world(sandbox: dict[str, Any]) -> Iterator[TunnelWorld]:  # noqa: F811
         )
         for name, site in (("tunnel.toml", tunnel_site), ("direct.toml", direct_site)):
             (base / name).write_text(site.to_toml())
-        yield TunnelWorld(base, base / "tunnel.toml", base / "direct.toml", netns, host_ip,
-                          ns_ip, svc_port, listen_port, service_log)
+        world = TunnelWorld(base, base / "tunnel.toml", base / "direct.toml", netns, host_ip,
+                            ns_ip, svc_port, listen_port, service_log)
+        yield world
     finally:
+        if world is not None:  # a failed test may leave a job running: it must not outlive us
+            for site_toml, key in world.submitted:
+                with contextlib.suppress(Exception):
+                    _gateway(world, site_toml, "cancel", {"job_id": key})
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -254,6 +263,7 @@ def _gateway(world: TunnelWorld, site_toml: Path, verb: str, body: dict[str, Any
 
 def _submit(world: TunnelWorld, site_toml: Path, sleep_s: int) -> str:
     key = f"tunnel-{uuid.uuid4().hex[:10]}"
+    world.submitted.append((site_toml, key))
     _gateway(world, site_toml, "submit", {
         "step": "cluster_check", "job_key": key, "params": {"sleep_s": sleep_s},
         "resources": {"cpus": 1, "mem_mb": 256, "time_min": 3},

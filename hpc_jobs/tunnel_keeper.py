@@ -33,7 +33,7 @@ from typing import Any
 from hpc_jobs.config import SiteConfig, TunnelConfig
 from hpc_jobs.fsutil import LockTimeout, file_lock
 from hpc_jobs.protocol import GatewayError
-from hpc_jobs.tunnel import LOOPBACK, TunnelState, locked_state, tunnels_dir
+from hpc_jobs.tunnel import LOOPBACK, TunnelState, locked_state, read_state, tunnels_dir
 
 #: Seconds between two looks at the bookkeeping.
 POLL_S = 0.3
@@ -239,7 +239,7 @@ def _loop(site: SiteConfig) -> int:
             if now - last_status >= STATUS_EVERY_S:
                 last_status = now
                 try:
-                    ended = _ended_jobs(site, read_ids(site))
+                    ended = _ended_jobs(site, read_state(site).job_ids())
                 except Exception as exc:  # noqa: BLE001 - the scheduler may be briefly away
                     log(f"could not ask the scheduler which jobs ended: {exc}")
                     ended = set()
@@ -261,13 +261,6 @@ def _loop(site: SiteConfig) -> int:
             time.sleep(POLL_S)
     finally:
         keeper.close_all()
-
-
-def read_ids(site: SiteConfig) -> set[str]:
-    """The job ids the bookkeeping tracks (read without the lock)."""
-    from hpc_jobs.tunnel import read_state
-
-    return read_state(site).job_ids()
 
 
 def main(argv: list[str] | None = None) -> int:

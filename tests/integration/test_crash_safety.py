@@ -174,4 +174,7 @@ def test_killing_triggerer_scheduler_and_api_server_keeps_one_job(
     assert (ti["state"], ti["try_number"]) == ("success", 1), ti
     jobs = submits.jobs(run_id)
     assert list(jobs) == [_key(run_id, 1)] and len(jobs[_key(run_id, 1)]) == 1, jobs
-    print(f"\nkills and restarts took {kills_s:.0f} s; sbatch calls: {jobs}")
+    accounting = re.search(r"cluster job \S+ COMPLETED: node [^\\\"]*MaxRSS [^\\\"]*",
+                           _task_log(stack, run_id, 1))
+    assert accounting, "the task log ends with the job's node, elapsed / limit, exit code, MaxRSS"
+    print(f"\nkills and restarts took {kills_s:.0f} s; sbatch calls: {jobs}\n{accounting[0]}")

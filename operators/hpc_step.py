@@ -2,7 +2,8 @@
 
 submit (idempotent job key; a lost reply is retried with the same key, so one try is one
 job) → defer to :class:`~operators.triggers.HpcJobTrigger` (with a timeout: the job's time
-limit plus ``queue_allowance``) → ``execute_complete``: the job log tail goes into the Airflow
+limit plus ``queue_allowance``) → ``execute_complete``: the job log tail and one accounting line
+(node, elapsed / time limit, exit code, MaxRSS) go into the Airflow
 task log, and what the trigger reported becomes a result, a retry or a failure:
 
 ===============================  ============================================================

@@ -30,6 +30,9 @@ CLUSTER_COLOURS: dict[JobState, str] = {
     JobState.REQUEUED: "up_for_retry", JobState.SUSPENDED: "deferred",
     JobState.UNKNOWN: "no_status",
 }
+#: Array breakdown labels that would not fit a badge as the state's own name.
+_SHORT_STATE = {"COMPLETED": "done", "OUT_OF_MEMORY": "oom", "NODE_FAIL": "node fail",
+                "BOOT_FAIL": "boot fail"}
 #: Characters of a long id shown before the ellipsis (the rest is in the title).
 SHORT_ID = 10
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
@@ -125,8 +128,9 @@ def array_breakdown(job: JobStatus) -> str:
             colour = CLUSTER_COLOURS.get(JobState(name), "no_status")
         except ValueError:
             colour = "no_status"
+        label = _SHORT_STATE.get(name, name.lower())
         parts.append(f"<span class='badge small st-{e(colour)}' data-state='{e(name)}' "
-                     f"title='{e(name)}: {count} task(s)'>{e(name[:4])} {count}</span>")
+                     f"title='{e(name)}: {count} task(s)'>{e(label)} {count}</span>")
     total = sum(job.array_states.values())
     return f"<span class='array' data-total='{total}'>{''.join(parts)}</span>"
 

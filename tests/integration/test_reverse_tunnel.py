@@ -43,10 +43,10 @@ from hpc_jobs.sandbox import paths as P
 from hpc_jobs.tunnel import can_connect, node_authorized_keys_line, read_state, tunnels_dir
 from tests.sandbox_fixture import sandbox  # noqa: F401
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Every helper process dies by itself after this many seconds, whatever happens to pytest.
-LIFETIME_S = 140
+LIFETIME_S = 300
 JOB_SLEEP_S = 8
 
 #: The OMERO stand-in: accepts, records which process the connection came from (the peer

@@ -16,7 +16,8 @@ RPC, allocation, launch on the node, completion). Per run and as medians over th
     slurm scheduling   submit reply -> Slurm allocates the job (its scheduling tick)
     job start-up       allocation -> slurmd launches the batch script
     job                launch -> Slurm records the job complete (not overhead)
-    poll back-off      job complete -> the status poll that saw it returned
+    poll back-off      job complete -> the status poll that saw it returned (and, apart, the
+                       gateway call of that poll: the rest is the wait for the next poll)
     task resume        trigger fired -> resumed task's first gateway call (Airflow)
     result call        the result exec (gateway process start + file read)
     task finish        result reply -> task instance end
@@ -121,6 +122,8 @@ def breakdown(ti: Any, native_id: str, events: list[Any], sandbox: bool) -> dict
         out["job start-up"] = slurm["launch"] - slurm["allocate"]
         out["job"] = slurm["complete"] - slurm["launch"]
         out["poll back-off"] = seen.end - slurm["complete"]
+        # of which the seen poll's own gateway call; the rest is the wait for that poll
+        out["back-off: poll call"] = seen.end - seen.start
     else:  # local scheduler: queue + run + back-off together
         out["job + queue + poll back-off"] = seen.end - submit.end
     if "job" in out:  # task time minus the job's own run, at millisecond resolution

@@ -288,7 +288,8 @@ def test_log_grows_by_offset_and_cancel_from_the_page_fails_the_task(
     assert task_log.status_code == 200, task_log.text[:2000]
     assert "cancelled by admin" in task_log.text, task_log.text[-3000:]
 
-    # the log view's script continues from the offset it had: the new bytes only, which
+    # the log view's script continues from the offset it had: the bytes after it only (the
+    # local scheduler adds none on a cancel; Slurm's line: the sandbox test below), which
     # together with what it showed are the whole log
     grown = _chunk(stack, chunk_url, offset=offset)
     assert grown["offset"] == offset and grown["terminal"] is True
@@ -429,6 +430,7 @@ def test_page_cancel_on_slurm_ends_the_job_in_squeue_and_sacct(
     while state() != "RUNNING":
         assert time.monotonic() < deadline, f"job {native} did not start: {state()}"
         time.sleep(1)
+    before = hook.log(row.job_id, offset=0, max_bytes=1 << 20).next_offset
     reply = cancel_task_try(row, "admin")
     assert reply.job_id == row.job_id
     deadline = time.monotonic() + 60
@@ -436,6 +438,12 @@ def test_page_cancel_on_slurm_ends_the_job_in_squeue_and_sacct(
         assert time.monotonic() < deadline, status
         time.sleep(1)
     assert status.reason is not None and "cancelled by admin" in status.reason, status
+    # the log grew by Slurm's cancel line; reading on from the old offset gets only that
+    deadline = time.monotonic() + 30
+    while not (grown := hook.log(row.job_id, offset=before)).text:
+        assert time.monotonic() < deadline, "Slurm wrote no cancel line"
+        time.sleep(1)
+    assert grown.offset == before and "CANCELLED" in grown.text, grown
     squeue = subprocess.run(["squeue", "-h", "-j", native, "-o", "%T"], capture_output=True,
                             text=True, timeout=30, check=False)
     assert squeue.stdout.strip() in ("", "CANCELLED"), squeue.stdout
@@ -447,3 +455,26 @@ def test_page_cancel_on_slurm_ends_the_job_in_squeue_and_sacct(
             break
         time.sleep(2)
     assert sacct.stdout.strip().startswith("CANCELLED"), sacct.stdout + sacct.stderr
+
+
+def test_log_is_read_piece_by_piece_by_offset(live_stack: Stack, jobs: dict[str, str]) -> None:
+    """The job view shows a tail (``tail_bytes``) and its script reads on from ``next_offset``:
+    pieces that start where the last ended and add up to the log, nothing sent twice."""
+    view = live_stack.api("GET", "/omeflow/jobs/log", params={
+        "dag_id": DAG_ID, "run_id": jobs["quick_run"], "task_id": TASK_ID, "tail_bytes": 100})
+    found = re.search(r"data-chunk-url='([^']+)' data-next-offset='(\d+)' data-live='false'>"
+                      r"(.*?)</pre>", view.text, re.S)
+    assert view.status_code == 200 and found, view.text[:3000]
+    chunk_url, end = html.unescape(found.group(1)), int(found.group(2))
+    assert len(html.unescape(found.group(3)).encode()) == 100, "the tail asked for"
+    pieces, offset = [], 0
+    while offset < end:
+        piece = _chunk(live_stack, chunk_url, offset=offset, max_bytes=256)
+        assert piece["offset"] == offset and 0 < piece["next_offset"] - offset <= 256, piece
+        pieces.append(piece["text"])
+        offset = piece["next_offset"]
+    whole = "".join(pieces)
+    assert "step cluster_check finished" in whole and len(whole.encode()) == end
+    assert whole.endswith(html.unescape(found.group(3)))
+    after = _chunk(live_stack, chunk_url, offset=end)
+    assert after["text"] == "" and after["next_offset"] == end, "nothing is sent twice"

@@ -83,6 +83,8 @@ STATIC = {
 HERE = Path(__file__).resolve().parent
 #: Characters the gateway accepts in ``cancel(by=...)`` (:data:`hpc_jobs.protocol.CancelledBy`).
 _BY_BAD = re.compile(r"[^A-Za-z0-9_.@+-]")
+#: A job key as the redirect after a cancel names it (:data:`hpc_jobs.protocol.JobKey`).
+_JOB_KEY = r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$"
 
 router = APIRouter()
 UserDep = Annotated[BaseUser, Depends(get_user)]
@@ -224,6 +226,13 @@ def _task_row(session: Any, dag_id: str, run_id: str, task_id: str, map_index: i
     )
 
 
+def _notice(cancelled: str | None) -> str:
+    """What the page says after the cancel redirect (built here, never taken from the URL)."""
+    if not cancelled:
+        return ""
+    return f"Cancel sent for cluster job {cancelled}; its state below updates as the cluster acts."
+
+
 def _status_of(row: HpcJobRow, job_id: str) -> tuple[JobStatus | None, str]:
     try:
         found = HpcGatewayHook(row.hpc_conn_id, timeout=GATEWAY_TIMEOUT_S).status([job_id])
@@ -242,7 +251,7 @@ def jobs_page(
     state: Annotated[str | None, Query(max_length=32)] = None,
     page_no: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1,
     per_page: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
-    notice: Annotated[str | None, Query(max_length=300)] = None,
+    cancelled: Annotated[str | None, Query(max_length=160, pattern=_JOB_KEY)] = None,
 ) -> HTMLResponse:
     """Recent HPC jobs with Airflow state and live cluster state, and the cluster's queue."""
     if state and state not in AIRFLOW_STATES:
@@ -259,7 +268,7 @@ def jobs_page(
     from hooks.hpc import DEFAULT_CONN_ID
 
     queues, queue_errors = cluster_queues([DEFAULT_CONN_ID, *(r.hpc_conn_id for r in jp.rows)])
-    body = (render_jobs(jp, flt, live, errors, root, tokens, notice or "")
+    body = (render_jobs(jp, flt, live, errors, root, tokens, _notice(cancelled))
             + render_queue(queues, queue_errors, root))
     return page("HPC jobs", body, root)
 
@@ -276,7 +285,7 @@ def job_log(
     try_number: Annotated[int | None, Query(ge=1)] = None,
     phase: Phase | None = None,
     tail_bytes: Annotated[int, Query(ge=1, le=MAX_CHUNK_BYTES)] = DEFAULT_TAIL_BYTES,
-    notice: Annotated[str | None, Query(max_length=300)] = None,
+    cancelled: Annotated[str | None, Query(max_length=160, pattern=_JOB_KEY)] = None,
 ) -> HTMLResponse:
     """One task try's cluster job: status, progress, cancel and the live log tail, for users
     who may read that Dag's task logs. The job id is recomputed from the task instance and the
@@ -304,7 +313,7 @@ def job_log(
     chunk = f"{root}{URL_PREFIX}/jobs/log/chunk?" + urlencode(
         task_query(dag_id, run_id, task_id, map_index, row.try_number, phase))
     body = render_job_view(row, phase, job, status_error, reply, log_error, root, chunk, token,
-                           notice or "")
+                           _notice(cancelled))
     return page(title, body, root, code, script=reply is not None)
 
 
@@ -381,13 +390,13 @@ async def cancel_job(
         raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                             f"the gateway did not cancel {job_id}: {exc}") from exc
     log.info("%s cancelled cluster job %s (now %s)", by, job_id, reply.state.value)
-    notice = f"Cancel of {row.task_label} (try {row.try_number}) sent by {by}: {reply.state.value}"
     root = _root(request)
+    # back to the page the button was on; it names the job (no free text travels in the URL)
+    done = urlencode({"cancelled": job_id})
     if (form.get("back") or [""])[0] == "job":
-        target = root + log_path(dag_id, run_id, task_id, map_index, row.try_number) + "&" + \
-            urlencode({"notice": notice})
+        target = root + log_path(dag_id, run_id, task_id, map_index, row.try_number) + "&" + done
     else:
-        target = f"{root}{URL_PREFIX}/jobs?" + urlencode({"notice": notice})
+        target = f"{root}{URL_PREFIX}/jobs?{done}"
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
 

@@ -272,7 +272,9 @@ def test_log_grows_by_offset_and_cancel_from_the_page_fails_the_task(
     assert reply.status_code == 303, reply.text
     back = urlsplit(reply.headers["location"])
     assert back.path == "/omeflow/jobs"
-    assert "sent by admin" in parse_qs(back.query)["notice"][0]
+    assert parse_qs(back.query) == {"cancelled": [jobs["key"]]}, back
+    assert f"Cancel sent for cluster job {jobs['key']}" in _page(stack, cancelled=jobs["key"])
+    assert stack.api("GET", "/omeflow/jobs", params={"cancelled": "<b>"}).status_code == 422
 
     def cancelled() -> str | None:
         found = _row(_page(stack), jobs["key"])

@@ -19,7 +19,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, get_args
 from urllib.parse import urlencode
@@ -133,6 +133,9 @@ class HpcJobRow:
     state: str | None
     hpc_conn_id: str
     pushed_at: datetime | None
+    #: The try whose job this try waits for: a try that lost its worker is retried and the
+    #: retry reattaches to the earlier try's job (operators/hpc_step.py). None: its own.
+    job_try: int | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -145,7 +148,26 @@ class HpcJobRow:
         if self.try_number < 1:
             return None
         return task_job_key(self.dag_id, self.run_id, self.task_id, self.map_index,
-                            self.try_number, phase)
+                            self.job_try or self.try_number, phase)
+
+    def earlier_job_ids(self) -> list[str]:
+        """The first jobs of this task instance's earlier tries, newest first: where a retry
+        that reattached finds its job (never another task instance's)."""
+        return [task_job_key(self.dag_id, self.run_id, self.task_id, self.map_index, t)
+                for t in range(self.try_number - 1, 0, -1)]
+
+    def resolved(self, found: dict[str, JobStatus]) -> HpcJobRow:
+        """This row with :attr:`job_try` set when the try has no job of its own but an earlier
+        try of the same task instance has one (the try reattached to it)."""
+        own = found.get(self.job_id or "")
+        if self.try_number <= 1 or (own is not None and own.native_id is not None):
+            return self
+        earlier_ids = self.earlier_job_ids()
+        for t, job_id in zip(range(self.try_number - 1, 0, -1), earlier_ids, strict=True):
+            earlier = found.get(job_id)
+            if earlier is not None and earlier.native_id is not None:
+                return replace(self, job_try=t)
+        return self
 
     def log_path(self, phase: str | None = None) -> str:
         return log_path(self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number,
@@ -254,15 +276,20 @@ def recent_hpc_jobs(
     return JobPage(rows, int(total or 0), page, page_size, known)
 
 
-def live_status(rows: Sequence[HpcJobRow]) -> tuple[dict[str, JobStatus], list[str]]:
-    """Cluster state of all rows' jobs (and their later phases' jobs, e.g. a merge): ONE
-    ``status`` call per gateway connection (usually one).
+def live_status(
+    rows: Sequence[HpcJobRow],
+) -> tuple[dict[str, JobStatus], list[str], list[HpcJobRow]]:
+    """Cluster state of all rows' jobs (and their later phases' jobs, e.g. a merge, and the
+    earlier tries' jobs a retry may have reattached to): ONE ``status`` call per gateway
+    connection (usually one).
 
-    :return: job id → status, and the errors (one line per connection that failed).
+    :return: job id → status, the errors (one line per connection that failed), and the rows
+        resolved to the job each try waits for (:meth:`HpcJobRow.resolved`).
     """
     by_conn: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        for job_id in (row.job_id, *(row.phase_job_id(p) for p in phases())):
+        ids = [row.job_id, *(row.phase_job_id(p) for p in phases()), *row.earlier_job_ids()]
+        for job_id in ids:
             if job_id and job_id not in by_conn[row.hpc_conn_id]:
                 by_conn[row.hpc_conn_id].append(job_id)
     found: dict[str, JobStatus] = {}
@@ -273,7 +300,35 @@ def live_status(rows: Sequence[HpcJobRow]) -> tuple[dict[str, JobStatus], list[s
                 found[job.job_id] = job
         except GATEWAY_ERRORS as exc:
             errors.append(f"connection {conn_id!r}: {exc}")
-    return found, errors
+    resolved = [row.resolved(found) for row in rows]
+    # a reattached try's later phases (its merge) are the earlier try's: ask for those too
+    missing: dict[str, list[str]] = defaultdict(list)
+    for row in resolved:
+        for phase in phases() if row.job_try else ():
+            job_id = row.phase_job_id(phase)
+            if job_id and job_id not in found:
+                missing[row.hpc_conn_id].append(job_id)
+    for conn_id, job_ids in missing.items():
+        try:
+            for job in HpcGatewayHook(conn_id, timeout=GATEWAY_TIMEOUT_S).status(job_ids):
+                found[job.job_id] = job
+        except GATEWAY_ERRORS as exc:
+            errors.append(f"connection {conn_id!r}: {exc}")
+    return found, errors, resolved
+
+
+def resolve_job_try(row: HpcJobRow) -> HpcJobRow:
+    """``row`` resolved to the job its try waits for (one ``status`` call, only for a retry):
+    the log view and the cancel of a try that reattached reach the earlier try's job."""
+    if row.try_number <= 1:
+        return row
+    try:
+        jobs = HpcGatewayHook(row.hpc_conn_id, timeout=GATEWAY_TIMEOUT_S).status(
+            [row.job_id or "", *row.earlier_job_ids()])
+    except GATEWAY_ERRORS as exc:
+        log.warning("could not resolve %s's job: %s", row.task_label, exc)
+        return row
+    return row.resolved({job.job_id: job for job in jobs})
 
 
 def cluster_queues(conn_ids: Iterable[str]) -> tuple[dict[str, list[QueueEntry]], list[str]]:

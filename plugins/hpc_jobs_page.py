@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -61,6 +62,7 @@ from hpc_jobs_data import (
     live_status,
     log_path,
     recent_hpc_jobs,
+    resolve_job_try,
     task_hpc_conn_id,
     task_query,
 )
@@ -218,12 +220,12 @@ def _task_row(session: Any, dag_id: str, run_id: str, task_id: str, map_index: i
             "so it has no cluster job for it",
         )
     state = ti.state.value if hasattr(ti.state, "value") else ti.state
-    return HpcJobRow(
+    return resolve_job_try(HpcJobRow(
         dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index,
         try_number=try_number, operator=ti.operator, state=state,
         hpc_conn_id=task_hpc_conn_id(session, dag_id, task_id, ti.dag_version_id),
         pushed_at=None,
-    )
+    ))
 
 
 def _notice(cancelled: str | None) -> str:
@@ -260,7 +262,8 @@ def jobs_page(
     flt = JobFilter(dag_id=dag_id or None, state=state or None, page=page_no,
                     per_page=per_page)
     jp = recent_hpc_jobs(session, readable_dag_ids(user), flt)
-    live, errors = live_status(jp.rows) if jp.rows else ({}, [])
+    live, errors, rows = live_status(jp.rows) if jp.rows else ({}, [], [])
+    jp = replace(jp, rows=rows)
     editable = {d for d in {r.dag_id for r in jp.rows} if may_edit(user, d)}
     tokens = {r.job_id: cancel_token(user, r.job_id) for r in jp.rows
               if r.job_id and r.dag_id in editable}

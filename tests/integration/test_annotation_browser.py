@@ -6,25 +6,22 @@ Logs in through the Airflow login page (admin and the password ``scripts/ui.py``
 opens the page of a candidate set, labels ten candidates with the keyboard, undoes the last
 one, and then the annotation store holds exactly those nine labels; a second annotator's
 labels then show as agreement. Screenshots (set list, a candidate, progress, the grid,
-agreement) go to ``var/test-artifacts/annotation/`` (path printed).
+agreement) go to ``$OMEFLOW_ARTIFACTS/annotation/`` (default ``var/artifacts/``; paths
+printed).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.browser import Screenshots, chromium, fits, login
 from tests.integration.test_annotation_page import AnnotationUi, annotation_ui  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "var" / "test-artifacts" / "annotation"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SHOTS = Screenshots("annotation")
 WAIT_S = 30
 #: The keys pressed, in order, and the label each one stands for.
 KEYS = [("1", "positive"), ("2", "negative"), ("3", "unsure"), ("p", "positive"),
@@ -34,56 +31,8 @@ KEYS = [("1", "positive"), ("2", "negative"), ("3", "unsure"), ("p", "positive")
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is missing: it is in omeflow's dev extra (make setup)")
-
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("chromium and chromium-driver (Debian packages) are needed: run "
-                    "scripts/setup.sh as root (make setup)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,900", "--disable-extensions", "--no-first-run"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_window_size(1400, 900)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _shot(driver: object, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / name
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
-    print(f"screenshot: {path}")
-    return path
-
-
-def _fits(driver: object) -> bool:
-    """Whether the page needs no scrolling in the browser window (1400 x 900)."""
-    return bool(driver.execute_script(  # type: ignore[attr-defined]
-        "const e = document.documentElement; "
-        "return e.scrollWidth <= window.innerWidth && e.scrollHeight <= window.innerHeight"))
-
-
-def _login(driver: object, ui: AnnotationUi) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(ui.stack.base_url + "/")  # type: ignore[attr-defined]
-    wait = WebDriverWait(driver, 60)
-    user = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[name=username]")))
-    user.send_keys("admin")
-    driver.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(  # type: ignore
-        ui.passwords["admin"])
-    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # type: ignore
-    wait.until(lambda d: d.get_cookie("_token") is not None)
 
 
 def test_label_ten_with_the_keyboard_undo_one(
@@ -96,11 +45,11 @@ def test_label_ten_with_the_keyboard_undo_one(
     ui, driver = annotation_ui, browser
     set_id = ui.sets["browser"]
     wait = WebDriverWait(driver, WAIT_S)
-    _login(driver, ui)
+    login(driver, ui.stack.base_url, ui.passwords["admin"])
 
     driver.get(f"{ui.stack.base_url}/omeflow/annotate")  # type: ignore[attr-defined]
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"a[href='annotate?set={set_id}']"))
-    _shot(driver, "0_sets.png")
+    SHOTS.save(driver, "0_sets.png")
     driver.find_element(By.CSS_SELECTOR, f"a[href='annotate?set={set_id}']").click()  # type: ignore
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
 
@@ -119,8 +68,8 @@ def test_label_ten_with_the_keyboard_undo_one(
         cid = shown()
         assert cid not in pressed, f"candidate {cid} served twice"
         if i == 3:
-            _shot(driver, "1_candidate.png")
-            assert _fits(driver), "the single view must fit a 1400 x 900 screen without scrolling"
+            SHOTS.save(driver, "1_candidate.png")
+            assert fits(driver), "the single view must fit a 1400 x 900 screen without scrolling"
         body.send_keys(key)
         wait.until(lambda d, cid=cid: shown() != cid)
         pressed[cid] = label
@@ -130,7 +79,7 @@ def test_label_ten_with_the_keyboard_undo_one(
     wait.until(lambda d: "Undone" in d.find_element(By.ID, "message").text)
     del pressed[last]
     wait.until(lambda d: "9 / 30 candidates labelled" in d.find_element(By.ID, "progress").text)
-    _shot(driver, "2_after_undo_progress.png")
+    SHOTS.save(driver, "2_after_undo_progress.png")
 
     stored = {r["candidate_id"]: r["label"]
               for r in ui.store.labels(set_id=set_id, annotator="admin")}
@@ -148,8 +97,8 @@ def test_label_ten_with_the_keyboard_undo_one(
     for key in (" ", Keys.ARROW_RIGHT, " ", Keys.ARROW_DOWN, " "):
         body.send_keys(key)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid-tiles .tile.marked")) == 3)
-    _shot(driver, "3_grid.png")
-    assert _fits(driver), "the 4 x 4 grid must fit a 1400 x 900 screen without scrolling"
+    SHOTS.save(driver, "3_grid.png")
+    assert fits(driver), "the 4 x 4 grid must fit a 1400 x 900 screen without scrolling"
     body.send_keys(Keys.ESCAPE)
     wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("hidden") is not None)
     assert {r["candidate_id"]: r["label"]
@@ -164,7 +113,7 @@ def test_label_ten_with_the_keyboard_undo_one(
     driver.refresh()  # type: ignore[attr-defined]
     wait.until(lambda d: "admin × alice" in d.find_element(By.ID, "agreement-table").text
                or "alice × admin" in d.find_element(By.ID, "agreement-table").text)
-    _shot(driver, "4_agreement.png")
+    SHOTS.save(driver, "4_agreement.png")
     text = driver.find_element(By.ID, "agreement-table").text  # type: ignore[attr-defined]
     [row] = ui.store.agreement(set_id=set_id)
     assert f"{row['agree']} / {row['n']} agree" in text, text

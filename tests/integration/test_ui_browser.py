@@ -217,6 +217,24 @@ def _api_run(stack: Stack, run_id: str) -> dict[str, Any]:
     return dict(reply.json())
 
 
+def _api_failure(stack: Stack, run_id: str) -> str:
+    """The run's conf, its task states, the log of each failed task and the components' log
+    tails (a scheduler that failed a task says why only in its own log)."""
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"
+    tis = stack.api("GET", f"{path}/taskInstances").json().get("task_instances", [])
+    out = [f"run {run_id} conf {_api_run(stack, run_id).get('conf')}"]
+    for ti in tis:
+        out.append(f"{ti['task_id']}[{ti['map_index']}]: {ti['state']}")
+        if ti["state"] == "failed":
+            index = f"?map_index={ti['map_index']}" if ti["map_index"] >= 0 else ""
+            log = stack.api("GET", f"{path}/taskInstances/{ti['task_id']}/logs/"
+                                   f"{ti['try_number']}{index}")
+            content = log.json().get("content", []) if log.status_code == 200 else log.text
+            out += [str(e.get("event", e)) if isinstance(e, dict) else str(e)
+                    for e in content][-30:]
+    return "\n".join(out) + "\n" + stack.diagnostics()
+
+
 # -------------------------------------------------------------------------------------------
 # The tests
 # -------------------------------------------------------------------------------------------
@@ -256,7 +274,10 @@ def test_valid_run_succeeds_and_its_cluster_jobs_and_log_show(lab: Lab, browser:
     marker = len(lab.channels) - 1
     _fill_form(driver, lab, marker_channel=marker, shot="04_form_valid.png")
     run_id = _submit(driver, stack)
-    assert _final_run_state(driver, stack, run_id) == "Success"
+    state = _final_run_state(driver, stack, run_id)
+    if state != "Success":
+        SHOTS.save(driver, "05_run_not_succeeded.png")
+    assert state == "Success", _api_failure(stack, run_id)
     expected = {"check_images", "checked_image_ids", *(f"image.{s}[0]" for s in STEPS)}
     _until(driver, stack, "every task in the table", lambda d: set(_task_states(d)) == expected)
     SHOTS.save(driver, "05_run_succeeded.png")

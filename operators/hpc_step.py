@@ -28,16 +28,19 @@ deferral timeout, trigger        the job is cancelled, then Airflow's ``TaskDefe
 crash (Airflow's ``__fail__``)   or ``TaskDeferralError`` as usual
 ===============================  ============================================================
 
-Crash safety (:meth:`HpcStepOperator.live_earlier_job`): the job key is the job id persisted
+Crash safety (:meth:`HpcStepOperator.reusable_earlier_job`): the job key is the job id persisted
 before deferring (the cluster keeps the job under it). A retry first asks, in ONE ``status``
 call, about the jobs of the earlier tries of the same *generation* (tries since the task
 instance was created or last cleared: Airflow raises ``max_tries`` on a clear, so the first try
 of a generation is ``max_tries - retries + 1``, the rule Airflow's own reschedule lookup uses).
 A job of theirs that is still PENDING / RUNNING (a worker lost right after submit, the try
-failed by heartbeat timeout) is reattached: no second job, no new OMERO session. A terminal
-earlier job (COMPLETED included: the try failed for a reason a rerun must redo) and the jobs
-of a generation before a clear are never reused: the try submits its own job; live jobs of an
-earlier generation are cancelled (the user asked for a rerun, not a second copy).
+failed by heartbeat timeout) is reattached: no second job, no new OMERO session. Else a job
+of theirs that COMPLETED is taken as it is (its try failed after the job, in Airflow: a worker
+lost while resuming, or Airflow 3.3's stale defer-exit event, apache/airflow#72716, that fails
+a resumed try): the retry reads its result instead of computing it again (an array's tiles
+are kept; a failed merge is run anew). An earlier job that failed (exit 75 included) and the
+jobs of a generation before a clear are never reused: the try submits its own job; live jobs
+of an earlier generation are cancelled (the user asked for a rerun, not a second copy).
 
 OMERO session keys (:meth:`HpcStepOperator.submit_job`): a step whose registry entry opens
 the image store (``needs_store``) gets a key from the site's OMERO connection
@@ -95,6 +98,29 @@ def site_omero_conn_id() -> str | None:
 
     section, key = OMERO_CONN_SETTING
     return str(conf.get(section, key, fallback="") or "").strip() or None
+
+
+#: ``[omeflow] hpc_task_retries``: retries of every cluster-step task unless the Dag or the
+#: task sets ``retries``. A lost worker (the retry reattaches), a preempted or failed node,
+#: exit 75 (EXIT_RETRY_LATER) and Airflow 3.3's spurious fail of a resumed try
+#: (apache/airflow#72716; the retry takes the completed job's result) all need one.
+RETRIES_SETTING = ("omeflow", "hpc_task_retries")
+DEFAULT_RETRIES = 2
+#: Wait between two tries of a cluster-step task (``[omeflow] hpc_retry_delay_s``).
+RETRY_DELAY_SETTING = ("omeflow", "hpc_retry_delay_s")
+DEFAULT_RETRY_DELAY_S = 120
+
+
+def site_retries() -> tuple[int, timedelta]:
+    """The site's retries and retry delay for cluster-step tasks (see :data:`RETRIES_SETTING`)."""
+    from airflow.configuration import conf
+
+    retries = conf.getint(*RETRIES_SETTING, fallback=DEFAULT_RETRIES)
+    delay = conf.getfloat(*RETRY_DELAY_SETTING, fallback=DEFAULT_RETRY_DELAY_S)
+    if retries < 0 or delay < 0:
+        raise ValueError(f"[omeflow] hpc_task_retries = {retries} / hpc_retry_delay_s = "
+                         f"{delay}: use numbers >= 0 (e.g. 2 and 120)")
+    return retries, timedelta(seconds=delay)
 
 
 def task_job_key(
@@ -173,6 +199,11 @@ class HpcStepOperator(BaseOperator):
         queue_allowance: timedelta = QUEUE_ALLOWANCE,
         **kwargs: Any,
     ) -> None:
+        given = {**(kwargs.get("default_args") or {}), **kwargs}  # the Dag's, then the task's
+        if "retries" not in given or "retry_delay" not in given:
+            retries, delay = site_retries()
+            kwargs.setdefault("retries", given.get("retries", retries))
+            kwargs.setdefault("retry_delay", given.get("retry_delay", delay))
         super().__init__(**kwargs)
         self.step = step
         self.step_params = step_params or {}
@@ -233,9 +264,10 @@ class HpcStepOperator(BaseOperator):
                  for key, _ in self.job_keys_of_try(context, t)]
         return same, older
 
-    def live_earlier_job(self, context: Context) -> tuple[JobStatus, str] | None:
-        """The job of an earlier try of this generation that is still PENDING / RUNNING (a
-        lost worker's), with the method that resumes on its end; None when there is none.
+    def reusable_earlier_job(self, context: Context) -> tuple[JobStatus, str] | None:
+        """The job of an earlier try of this generation to take instead of submitting: one
+        still PENDING / RUNNING (a lost worker's), else the newest that COMPLETED; with the
+        method that resumes on its end. None when there is none.
 
         One ``status`` call for all earlier tries' keys. Live jobs of an earlier generation (the
         task was cleared while its job ran) and any second live job are cancelled.
@@ -247,6 +279,9 @@ class HpcStepOperator(BaseOperator):
         live = [s for s in statuses if _is_live(s)]
         method_of = dict(same)
         found = next(((s, method_of[s.job_id]) for s in live if s.job_id in method_of), None)
+        if found is None:  # statuses come newest try first, a try's last phase first
+            found = next(((s, method_of[s.job_id]) for s in statuses
+                          if s.state is JobState.COMPLETED and s.job_id in method_of), None)
         for status in live:
             if found is None or status.job_id != found[0].job_id:
                 self.log.warning("cluster job %s of an earlier try is still %s and no try "
@@ -365,9 +400,9 @@ class HpcStepOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         hook = self.hook
         try:
-            earlier = self.live_earlier_job(context)
+            earlier = self.reusable_earlier_job(context)
             if earlier is not None:
-                self.reattach(context, *earlier)
+                return self.reattach(context, *earlier)
             params = self.prepare_params(context)
             reply = self.submit_job(context, self.job_key(context), params)
         except HpcConfigError as exc:
@@ -395,12 +430,13 @@ class HpcStepOperator(BaseOperator):
         self.defer(trigger=self.trigger_for(reply.job_id, reply.native_id),
                    method_name="execute_complete")
 
-    def reattach(self, context: Context, status: JobStatus, method_name: str) -> NoReturn:
-        """Wait for a still-running job of an earlier try instead of submitting a second one
-        (nothing is sent to the cluster: no parameters, no OMERO session)."""
+    def reattach(self, context: Context, status: JobStatus, method_name: str) -> Any:
+        """Take a job of an earlier try instead of submitting a second one (nothing is sent to
+        the cluster: no parameters, no OMERO session): wait for it while it runs, or resume
+        with ``method_name`` at once when it COMPLETED."""
         self._job_id = status.job_id
         self.log.info(
-            "%s job %s of an earlier try is still %s (native id %s): reattached, no new job",
+            "%s job %s of an earlier try is %s (native id %s): reattached, no new job",
             self.step, status.job_id, status.state.value, status.native_id,
         )
         context["ti"].xcom_push(
@@ -408,6 +444,8 @@ class HpcStepOperator(BaseOperator):
             value={"job_id": status.job_id, "native_id": status.native_id,
                    "hpc_conn_id": self.hpc_conn_id},
         )
+        if status.state.terminal:
+            return getattr(self, method_name)(context, status.model_dump(mode="json"))
         self.defer(trigger=self.trigger_for(status.job_id, status.native_id or ""),
                    method_name=method_name)
 

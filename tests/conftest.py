@@ -37,6 +37,8 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
+        # a retried cluster-step task ([omeflow] hpc_task_retries) waits 5 s, not 2 min
+        AIRFLOW__OMEFLOW__HPC_RETRY_DELAY_S="5",
         PYTHONPATH=str(REPO),
     )
     airflow = str(Path(PY).parent / "airflow")

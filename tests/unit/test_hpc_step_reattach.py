@@ -123,7 +123,7 @@ def test_a_failed_wait_cancels_the_reattached_job(site: SiteConfig, cleanup: Non
 
 def test_retry_after_a_real_failure_submits_anew(site: SiteConfig, cleanup: None) -> None:
     """Try 1's job ended FAILED with exit code 75 (EXIT_RETRY_LATER): try 2 runs a job of its
-    own (a terminal earlier job, COMPLETED included, is never reused)."""
+    own (a failed earlier job is never reused)."""
     op = _operator(exit_code=EXIT_RETRY_LATER)
     _run_try(op, _TI(1))
     assert _wait_state(_key(1), lambda s: s.terminal) is JobState.FAILED
@@ -131,6 +131,22 @@ def test_retry_after_a_real_failure_submits_anew(site: SiteConfig, cleanup: None
     second = _run_try(_operator(exit_code=EXIT_RETRY_LATER), _TI(2))
     assert second.trigger.job_id == _key(2)
     assert _job_dirs(site) == sorted([_key(1), _key(2)]), "a second job for the retry"
+
+
+def test_a_retry_after_the_job_completed_takes_its_result(
+    site: SiteConfig, cleanup: None
+) -> None:
+    """Try 1's job COMPLETED but the try failed in Airflow afterwards (its worker lost while
+    resuming, or Airflow 3.3's stale defer-exit event, apache/airflow#72716): try 2 returns
+    that job's result at once, without a second job (hours of segmentation are not redone)."""
+    _run_try(_operator(sleep_s=0), _TI(1))
+    assert _wait_state(_key(1), lambda s: s.terminal) is JobState.COMPLETED
+
+    ti = _TI(2)
+    result = _operator(sleep_s=0).execute({"ti": ti})  # type: ignore[arg-type]
+    assert result["hostname"] and result["store"] == "local", result
+    assert ti.xcoms["hpc_job"]["job_id"] == _key(1)
+    assert _job_dirs(site) == [_key(1)], "no second job"
 
 
 def test_a_cleared_task_runs_a_new_job_and_ends_the_old_one(
@@ -218,3 +234,27 @@ def test_a_reattaching_retry_mints_no_omero_session(monkeypatch: pytest.MonkeyPa
     deferred = _run_try(op, _TI(2))
     assert deferred.trigger.job_id == _key(1)
     assert (cluster.submits, Minter.minted) == ([], [])
+
+
+def test_cluster_steps_are_retried_by_default_and_a_dag_can_say_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reattaching needs a retry: cluster-step tasks get ``[omeflow] hpc_task_retries`` (2) and
+    ``hpc_retry_delay_s`` unless the Dag's default_args or the task set their own."""
+    from datetime import timedelta
+
+    import pendulum
+    from airflow.sdk import DAG
+
+    with DAG("site_default", schedule=None, start_date=pendulum.datetime(2026, 1, 1)):
+        site_default = HpcStepOperator(task_id="a", step="cluster_check")
+        own = HpcStepOperator(task_id="b", step="cluster_check", retries=0)
+    with DAG("dag_default", schedule=None, start_date=pendulum.datetime(2026, 1, 1),
+             default_args={"retries": 5, "retry_delay": timedelta(seconds=9)}):
+        dag_default = HpcStepOperator(task_id="c", step="cluster_check")
+    assert (site_default.retries, site_default.retry_delay) == (2, timedelta(seconds=120))
+    assert own.retries == 0
+    assert (dag_default.retries, dag_default.retry_delay) == (5, timedelta(seconds=9))
+    monkeypatch.setenv("AIRFLOW__OMEFLOW__HPC_TASK_RETRIES", "-1")
+    with pytest.raises(ValueError, match="hpc_task_retries = -1"):
+        HpcStepOperator(task_id="d", step="cluster_check")

@@ -41,12 +41,13 @@ import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
+from annotation_page import own_origins
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from hpc_jobs_data import (
@@ -150,17 +151,6 @@ def cancel_token(user: BaseUser, job_id: str) -> str:
     ``[api] secret_key``. Only pages this server rendered for that user contain it."""
     msg = f"omeflow-cancel\0{user.get_id()}\0{job_id}".encode()
     return hmac.new(_secret(), msg, hashlib.sha256).hexdigest()
-
-
-def own_origins(request: Request) -> set[str]:
-    """This server's origins: the one the request was addressed to and ``[api] base_url``'s."""
-    from airflow.configuration import conf
-
-    origins = {f"{request.url.scheme}://{request.headers.get('host', '')}".lower()}
-    base = urlsplit(conf.get("api", "base_url", fallback="") or "")
-    if base.scheme and base.netloc:
-        origins.add(f"{base.scheme}://{base.netloc}".lower())
-    return origins
 
 
 def check_same_origin(request: Request) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ from tests.postgres_fixture import (  # noqa: F401  (re-exported fixtures)
     sql_url,
 )
 from tests.sandbox_fixture import sandbox  # noqa: F401  (re-exported fixture)
-from tests.stack_fixture import live_stack  # noqa: F401  (re-exported fixture)
+from tests.stack_fixture import live_stack, migrated_home  # noqa: F401  (re-exported fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -28,29 +26,10 @@ PY = sys.executable
 
 @pytest.fixture(scope="session")
 def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment of a migrated, throw-away AIRFLOW_HOME that loads this repo's DAGs."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    shutil.copy(REPO / "airflow.cfg", home / "airflow.cfg")
-    (home / "var").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "OMEFLOW"))}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
-        # a retried cluster-step task ([omeflow] hpc_task_retries) waits 5 s, not 2 min
-        AIRFLOW__OMEFLOW__HPC_RETRY_DELAY_S="5",
-        PYTHONPATH=str(REPO),
-    )
-    airflow = str(Path(PY).parent / "airflow")
-    proc = subprocess.run(
-        [airflow, "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Environment of a migrated, throw-away AIRFLOW_HOME that loads this repo's DAGs (a
+    retried cluster-step task, ``[omeflow] hpc_task_retries``, waits 5 s, not 2 min)."""
+    env = migrated_home(tmp_path_factory.mktemp("airflow"))
+    env["AIRFLOW__OMEFLOW__HPC_RETRY_DELAY_S"] = "5"
     return env
 
 

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
 
+from tests.browser import chromium
 from tests.sandbox_fixture import sandbox  # noqa: F401, F811
 from tests.stack_fixture import Stack
 
@@ -42,8 +43,6 @@ TASK_ID = "cluster_check"
 #: Long enough to outlast the tests before the cancel on a loaded machine; the cancel ends it.
 SLEEP_S = 600
 ARTIFACTS = Path(os.environ.get("OMEFLOW_ARTIFACTS") or REPO / "var" / "artifacts") / "jobs_page"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 def _trigger(stack: Stack, conf: dict[str, Any]) -> str:
@@ -128,25 +127,9 @@ def test_page_shows_the_running_jobs_state_node_time_and_progress(
 # -- in a real browser --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is missing: it is in omeflow's dev extra (make setup)")
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("chromium and chromium-driver (Debian packages) are needed: run "
-                    "scripts/setup.sh as root (make setup)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1500,900", "--disable-extensions", "--no-first-run"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_window_size(1500, 900)
-    try:
+    """Debian's chromium at a 1500 px wide screen (the issue's yardstick)."""
+    with chromium(window=(1500, 900)) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _shot(driver: Any, name: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -15,15 +14,9 @@ from hpc_jobs.protocol import Resources, Secrets
 from hpc_jobs.steps import check_images
 from hpc_jobs.steps.base import StepContext
 from hpc_jobs.stores.base import StoreError
-from hpc_jobs.stores.local import LocalStore
+from tests.unit.test_nightly_selection import _store_with_images
 
 IMAGE_DAGS = ("celldetector_preprocess", "celldetector_candidates", "celldetector_predict")
-
-
-def _store(root: Path, n: int) -> tuple[LocalStore, list[int]]:
-    store = LocalStore(root / "store")
-    pixels = np.full((2, 64, 64), 100, dtype=np.uint16)
-    return store, [store.add_image(f"slide {i}", pixels, ["DAPI", "CD8"]) for i in range(n)]
 
 
 def _check(root: Path, **params) -> dict:
@@ -33,7 +26,7 @@ def _check(root: Path, **params) -> dict:
 
 
 def test_images_are_picked_by_dataset_tag_or_ids_and_the_summary_says_which(tmp_path) -> None:
-    store, (a, b, c, d) = _store(tmp_path, 4)
+    store, (a, b, c, d) = _store_with_images(tmp_path, 4)
     dataset = store.create_dataset("week 12", [a, b])
     tag_id = store.tag_images("to-score", [b, c])
 
@@ -51,7 +44,7 @@ def test_images_are_picked_by_dataset_tag_or_ids_and_the_summary_says_which(tmp_
 
 
 def test_a_selection_that_matches_nothing_is_refused_naming_the_fix(tmp_path) -> None:
-    store, (a,) = _store(tmp_path, 1)
+    store, (a,) = _store_with_images(tmp_path, 1)
     empty = store.create_dataset("empty")
     with pytest.raises(ValidationError, match="give image_ids, a dataset id or a tag"):
         check_images.Params()
@@ -65,7 +58,7 @@ def test_a_selection_that_matches_nothing_is_refused_naming_the_fix(tmp_path) ->
 
 
 def test_too_large_a_selection_is_refused_before_any_image_is_read(tmp_path, monkeypatch) -> None:
-    store, ids = _store(tmp_path, 3)
+    store, ids = _store_with_images(tmp_path, 3)
     dataset = store.create_dataset("big", ids)
     monkeypatch.setattr(check_images, "MAX_IMAGES", 2)
     with pytest.raises(StoreError, match="3 images picked, more than 2 per run"):

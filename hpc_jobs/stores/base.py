@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only in annotations: the gateway imports this module on every call
+    import numpy as np
 
 TISSUE_PREFIX = "tissue_"
 HOLE_PREFIX = "hole_"

@@ -181,6 +181,9 @@ class HpcStepOperator(BaseOperator):
     #: ``hpc_conn_id`` is listed so that it is kept in the serialized Dag, where the HPC jobs
     #: page reads it (never from an XCom).
     template_fields: Sequence[str] = ("step_params", "hpc_resources", "hpc_conn_id")
+    #: The trigger's event carries a COMPLETED job's ``summary.json`` (and always the log
+    #: tail): the resumed task makes no gateway call (no SSH handshake) of its own.
+    result_in_event: bool = True
     template_fields_renderers = {"step_params": "json", "hpc_resources": "json"}
     ui_color = "#d7ecff"
 
@@ -458,6 +461,8 @@ class HpcStepOperator(BaseOperator):
             native_id=native_id,
             unknown_timeout=self.unknown_timeout,
             poll_outage_limit=self.poll_outage_limit,
+            log_tail_bytes=self.log_tail_bytes,
+            fetch_result=self.result_in_event,
         )
 
     def resume_execution(
@@ -495,14 +500,21 @@ class HpcStepOperator(BaseOperator):
             )
         return f"the job was cancelled (now {reply.state.value})"
 
-    def _log_tail(self, job_id: str) -> str:
-        try:
-            tail = self.hook.log(job_id, offset=-self.log_tail_bytes, max_bytes=self.log_tail_bytes)
-        except Exception as exc:  # noqa: BLE001 - the log is a courtesy; the state decides
-            self.log.warning("could not read the job log: %s", exc)
-            return ""
-        text = tail.text
-        if tail.offset > 0:
+    def _log_tail(self, job_id: str, event: dict[str, Any] | None = None) -> str:
+        """The job log's last ``log_tail_bytes``: from the trigger's event when it carries them
+        (no gateway call), else asked for."""
+        carried = (event or {}).get("log_tail")
+        if isinstance(carried, dict) and isinstance(carried.get("text"), str):
+            offset, text = int(carried.get("offset") or 0), carried["text"]
+        else:
+            try:
+                tail = self.hook.log(job_id, offset=-self.log_tail_bytes,
+                                     max_bytes=self.log_tail_bytes)
+            except Exception as exc:  # noqa: BLE001 - the log is a courtesy; the state decides
+                self.log.warning("could not read the job log: %s", exc)
+                return ""
+            offset, text = tail.offset, tail.text
+        if offset > 0:
             text = "…" + text.split("\n", 1)[-1]
         return text
 
@@ -519,7 +531,7 @@ class HpcStepOperator(BaseOperator):
                 "second job runs beside it: clear the task once the cause is fixed"
             )
         state = JobState(event.get("state", "UNKNOWN"))
-        tail = self._log_tail(job_id)
+        tail = self._log_tail(job_id, event)
         if tail:
             self.log.info("---- cluster job %s log (tail) ----\n%s", job_id, tail.rstrip())
         what = (
@@ -569,6 +581,9 @@ class HpcStepOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger fired: the step's summary, or an exception."""
         self.raise_for_state(event)
+        carried = event.get("result")
+        if isinstance(carried, dict):  # the trigger read it (no gateway call here)
+            return carried["data"] if carried.get("data") is not None else carried.get("text")
         result = self.hook.result(event["job_id"])
         return result.data if result.data is not None else result.text
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from hooks.hpc import AsyncGatewayClient, HpcConfigError, HpcGatewayError, HpcTransportError
 from hpc_jobs.progress import describe, describe_tasks
-from hpc_jobs.protocol import MAX_STATUS_IDS, JobState, JobStatus, never_starts
+from hpc_jobs.protocol import MAX_CHUNK_BYTES, MAX_STATUS_IDS, JobState, JobStatus, never_starts
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ MAX_BACKOFF_S = 300.0
 UNKNOWN_TIMEOUT_S = 600.0
 #: Seconds without one good poll after which a trigger cancels its job and gives up.
 POLL_OUTAGE_LIMIT_S = 3600.0
+#: Largest step summary (JSON bytes) a trigger event carries; a larger one the task fetches.
+MAX_EVENT_RESULT_BYTES = 64 * 1024
 #: Seconds the give-up cancel may take.
 CANCEL_TIMEOUT_S = 60.0
 
@@ -279,6 +282,14 @@ class HpcJobTrigger(BaseTrigger):
         with that state.
     :param poll_outage_limit: seconds without a good status poll after which the trigger
         cancels the job and fires an error event.
+    :param log_tail_bytes: how much of the job log's end the event carries (0: none).
+    :param fetch_result: whether the event of a COMPLETED job carries its ``summary.json``.
+
+    When the job ended, the trigger reads the log tail (and, for a COMPLETED job, the step's
+    summary) over its shared gateway connection and puts them in the event (``log_tail``,
+    ``result``; the result only up to :data:`MAX_EVENT_RESULT_BYTES`): the resumed task then
+    needs no SSH connection and no gateway call of its own. What cannot be fetched is left
+    out, and the task asks for it itself.
     """
 
     def __init__(
@@ -289,8 +300,12 @@ class HpcJobTrigger(BaseTrigger):
         native_id: str = "",
         unknown_timeout: float = UNKNOWN_TIMEOUT_S,
         poll_outage_limit: float = POLL_OUTAGE_LIMIT_S,
+        log_tail_bytes: int = 0,
+        fetch_result: bool = False,
     ) -> None:
         super().__init__()
+        self.log_tail_bytes = log_tail_bytes
+        self.fetch_result = fetch_result
         self.job_id = job_id
         self.hpc_conn_id = hpc_conn_id
         self.poll_interval = poll_interval
@@ -324,6 +339,8 @@ class HpcJobTrigger(BaseTrigger):
                 "native_id": self.native_id,
                 "unknown_timeout": self.unknown_timeout,
                 "poll_outage_limit": self.poll_outage_limit,
+                "log_tail_bytes": self.log_tail_bytes,
+                "fetch_result": self.fetch_result,
             },
         )
 
@@ -346,7 +363,33 @@ class HpcJobTrigger(BaseTrigger):
             )
             return
         self._log_progress(status)  # the final count
-        yield TriggerEvent(status.model_dump(mode="json"))
+        yield TriggerEvent({**status.model_dump(mode="json"), **await self._job_end(status)})
+
+    async def _job_end(self, status: JobStatus) -> dict[str, Any]:
+        """The ended job's log tail and (COMPLETED) summary, for the event; what fails is left
+        out (the resumed task asks for it itself)."""
+        out: dict[str, Any] = {}
+        want_result = self.fetch_result and status.state is JobState.COMPLETED
+        if not self.log_tail_bytes and not want_result:
+            return out
+        client = AsyncGatewayClient(self.hpc_conn_id)  # the loop's shared SSH connection
+        try:
+            if self.log_tail_bytes:
+                n = min(self.log_tail_bytes, MAX_CHUNK_BYTES)
+                tail = await client.call("log", {"job_id": self.job_id, "offset": -n,
+                                                 "max_bytes": n})
+                out["log_tail"] = {"offset": tail["offset"], "text": tail["text"]}
+            if want_result:
+                result = await client.call("result", {"job_id": self.job_id})
+                kept = {"data": result.get("data"), "text": result.get("text")}
+                if len(json.dumps(kept)) <= MAX_EVENT_RESULT_BYTES:
+                    out["result"] = kept
+        except (HpcTransportError, HpcGatewayError, HpcConfigError) as exc:
+            self.log.warning("could not read the end of job %s here (%s); the task will",
+                             self.job_id, exc)
+        finally:
+            await client.close()
+        return out
 
     async def on_kill(self) -> None:
         """A user killed the deferred task (mark failed / clear): cancel the cluster job."""

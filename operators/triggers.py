@@ -46,8 +46,12 @@ from hpc_jobs.protocol import MAX_CHUNK_BYTES, MAX_STATUS_IDS, JobState, JobStat
 
 log = logging.getLogger(__name__)
 
-#: First delay after a job arrives; it doubles on each quiet poll up to the poll interval.
+#: Delay between the first polls after a job arrives (:data:`FAST_POLLS` of them: a short job
+#: that Slurm starts within its scheduling tick is seen within about this), then it doubles on
+#: each quiet poll up to the poll interval. All waiting jobs share each poll.
 FIRST_POLL_S = 0.5
+#: How many polls after a job arrives keep the :data:`FIRST_POLL_S` delay (a few seconds).
+FAST_POLLS = 8
 #: Longest delay between two polls while polls fail.
 MAX_BACKOFF_S = 300.0
 #: Seconds a job may stay UNKNOWN in a row before its trigger fires with that state.
@@ -260,8 +264,8 @@ class StatusPoller:
             quiet += 1
             if failures:  # back off, capped (sshd MaxStartups throttles reconnects)
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 30))
-            else:  # 0.5 s, 1 s, 2 s ... up to the configured interval
-                delay = min(self.interval, FIRST_POLL_S * 2 ** (quiet - 1))
+            else:  # 0.5 s for FAST_POLLS polls, then 1 s, 2 s ... up to the configured interval
+                delay = min(self.interval, FIRST_POLL_S * 2 ** max(0, quiet - FAST_POLLS))
             self.delays.append(delay)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -373,22 +377,27 @@ class HpcJobTrigger(BaseTrigger):
         if not self.log_tail_bytes and not want_result:
             return out
         client = AsyncGatewayClient(self.hpc_conn_id)  # the loop's shared SSH connection
+        n = min(self.log_tail_bytes, MAX_CHUNK_BYTES)
+        calls = {}  # both at once: two channels of one connection, one round trip of time
+        if n:
+            calls["log_tail"] = client.call("log", {"job_id": self.job_id, "offset": -n,
+                                                    "max_bytes": n})
+        if want_result:
+            calls["result"] = client.call("result", {"job_id": self.job_id})
         try:
-            if self.log_tail_bytes:
-                n = min(self.log_tail_bytes, MAX_CHUNK_BYTES)
-                tail = await client.call("log", {"job_id": self.job_id, "offset": -n,
-                                                 "max_bytes": n})
-                out["log_tail"] = {"offset": tail["offset"], "text": tail["text"]}
-            if want_result:
-                result = await client.call("result", {"job_id": self.job_id})
-                kept = {"data": result.get("data"), "text": result.get("text")}
-                if len(json.dumps(kept)) <= MAX_EVENT_RESULT_BYTES:
-                    out["result"] = kept
-        except (HpcTransportError, HpcGatewayError, HpcConfigError) as exc:
-            self.log.warning("could not read the end of job %s here (%s); the task will",
-                             self.job_id, exc)
+            replies = await asyncio.gather(*calls.values(), return_exceptions=True)
         finally:
             await client.close()
+        for name, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.log.warning("could not read the %s of job %s here (%s); the task will",
+                                 name.replace("_", " "), self.job_id, reply)
+            elif name == "log_tail":
+                out[name] = {"offset": reply["offset"], "text": reply["text"]}
+            else:
+                kept = {"data": reply.get("data"), "text": reply.get("text")}
+                if len(json.dumps(kept)) <= MAX_EVENT_RESULT_BYTES:
+                    out[name] = kept
         return out
 
     async def on_kill(self) -> None:

@@ -290,3 +290,27 @@ def test_each_trigger_logs_its_own_jobs_progress_in_its_own_context() -> None:
     assert arr[-1].startswith("array progress: task 0: 4/4 seconds (100 %)")
     assert len(arr) == len(set(arr)) == 4, arr
     assert all("8 seconds" in x for x in by_job["j-arr"] if x.startswith("progress:"))
+
+
+def test_a_new_job_is_polled_fast_for_a_few_polls_then_less_often() -> None:
+    """A short job is seen soon after it ends (FAST_POLLS polls FIRST_POLL_S apart), a long one
+    costs few polls (the delay then doubles up to the interval)."""
+    from operators import triggers
+
+    client = ScriptedClient(lambda n: JobState.RUNNING if n <= 14 else JobState.COMPLETED)
+
+    async def wait() -> StatusPoller:
+        poller = StatusPoller("omeflow_fast", 8.0)  # a site's interval, far above the first
+        poller.client = client  # type: ignore[assignment]
+        await poller.wait("job-1")
+        return poller
+
+    original = triggers.FIRST_POLL_S
+    triggers.FIRST_POLL_S = 0.005  # the schedule's shape, in milliseconds
+    try:
+        delays = list(_run(wait()).delays)
+    finally:
+        triggers.FIRST_POLL_S = original
+    fast = triggers.FAST_POLLS
+    assert delays[:fast] == pytest.approx([0.005] * fast)
+    assert delays[fast:fast + 4] == pytest.approx([0.01, 0.02, 0.04, 0.08])

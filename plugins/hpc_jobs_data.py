@@ -288,7 +288,8 @@ def live_status(
     """
     by_conn: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        ids = [row.job_id, *(row.phase_job_id(p) for p in phases()), *row.earlier_job_ids()]
+        earlier = [replace(row, job_try=t) for t in range(row.try_number - 1, 0, -1)]
+        ids = [r.phase_job_id(p) for r in (row, *earlier) for p in (None, *phases())]
         for job_id in ids:
             if job_id and job_id not in by_conn[row.hpc_conn_id]:
                 by_conn[row.hpc_conn_id].append(job_id)
@@ -301,19 +302,6 @@ def live_status(
         except GATEWAY_ERRORS as exc:
             errors.append(f"connection {conn_id!r}: {exc}")
     resolved = [row.resolved(found) for row in rows]
-    # a reattached try's later phases (its merge) are the earlier try's: ask for those too
-    missing: dict[str, list[str]] = defaultdict(list)
-    for row in resolved:
-        for phase in phases() if row.job_try else ():
-            job_id = row.phase_job_id(phase)
-            if job_id and job_id not in found:
-                missing[row.hpc_conn_id].append(job_id)
-    for conn_id, job_ids in missing.items():
-        try:
-            for job in HpcGatewayHook(conn_id, timeout=GATEWAY_TIMEOUT_S).status(job_ids):
-                found[job.job_id] = job
-        except GATEWAY_ERRORS as exc:
-            errors.append(f"connection {conn_id!r}: {exc}")
     return found, errors, resolved
 
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,18 +29,6 @@ from hpc_jobs.config import SiteConfig
 from hpc_jobs.protocol import job_key_for
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-
-
-@pytest.fixture()
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SiteConfig:
-    """An embedded-default site under tmp_path; no ``omeflow_hpc`` connection."""
-    site = SiteConfig.local(tmp_path)
-    path = tmp_path / "site.toml"
-    path.write_text(site.to_toml())
-    monkeypatch.setenv("OMEFLOW_SITE_CONFIG", str(path))
-    monkeypatch.setenv("AIRFLOW__OMEFLOW__HPC_TRANSPORT", "local")
-    monkeypatch.delenv("AIRFLOW_CONN_OMEFLOW_HPC", raising=False)
-    return site
 
 
 def _set_conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, conn: dict[str, Any]) -> None:

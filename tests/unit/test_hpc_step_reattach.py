@@ -9,7 +9,6 @@ with the fields the worker gets (try number, ``max_tries``, XCom push).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,18 +22,6 @@ from operators.array_merge import ArrayMergeStepOperator
 from operators.hpc_step import HpcStepOperator, accounting_line
 
 RETRIES = 1
-
-
-@pytest.fixture()
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SiteConfig:
-    """An embedded-default site under tmp_path (local transport, local scheduler)."""
-    site = SiteConfig.local(tmp_path)
-    path = tmp_path / "site.toml"
-    path.write_text(site.to_toml())
-    monkeypatch.setenv("OMEFLOW_SITE_CONFIG", str(path))
-    monkeypatch.setenv("AIRFLOW__OMEFLOW__HPC_TRANSPORT", "local")
-    monkeypatch.delenv("AIRFLOW_CONN_OMEFLOW_HPC", raising=False)
-    return site
 
 
 class _TI:

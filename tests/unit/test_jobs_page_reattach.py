@@ -11,7 +11,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from hooks.hpc import HpcGatewayHook
-from tests.unit.test_hpc_step_reattach import _TI, _key, _operator, site  # noqa: F401
+from tests.unit.test_hpc_step_reattach import _TI, _key, _operator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
 
@@ -24,7 +24,7 @@ def _row(try_number: int, task_id: str = "check") -> HpcJobRow:
                      hpc_conn_id="omeflow_hpc", pushed_at=None)
 
 
-def test_a_reattached_try_shows_and_cancels_the_earlier_tries_job(site) -> None:  # noqa: F811
+def test_a_reattached_try_shows_and_cancels_the_earlier_tries_job(site) -> None:
     op = _operator(sleep_s=60)
     with pytest.raises(TaskDeferred):
         op.execute({"ti": _TI(1)})  # try 1 submits, then its worker is lost
@@ -45,7 +45,7 @@ def test_a_reattached_try_shows_and_cancels_the_earlier_tries_job(site) -> None:
         HpcGatewayHook().cancel(_key(1))
 
 
-def test_a_try_with_its_own_job_keeps_it(site) -> None:  # noqa: F811
+def test_a_try_with_its_own_job_keeps_it(site) -> None:
     op = _operator(sleep_s=60)
     with pytest.raises(TaskDeferred):
         op.execute({"ti": _TI(1)})

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from operators.hpc_step import HpcStepOperator
 from operators.triggers import HpcJobTrigger
-from tests.unit.test_hpc_step_reattach import _TI, site  # noqa: F401
+from tests.unit.test_hpc_step_reattach import _TI
 
 
 def _event(trigger: HpcJobTrigger) -> dict[str, Any]:
@@ -31,7 +31,7 @@ class _NoCalls:
         raise AssertionError(f"the resumed task called the gateway ({name})")
 
 
-def test_a_completed_jobs_event_carries_its_log_tail_and_summary(site) -> None:  # noqa: F811
+def test_a_completed_jobs_event_carries_its_log_tail_and_summary(site) -> None:
     op = HpcStepOperator(task_id="check", step="cluster_check", step_params={"sleep_s": 1})
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({"ti": _TI(1)})  # type: ignore[arg-type]
@@ -49,7 +49,7 @@ def test_a_completed_jobs_event_carries_its_log_tail_and_summary(site) -> None: 
     assert result == event["result"]["data"]
 
 
-def test_a_failed_jobs_event_carries_the_log_tail_not_a_result(site) -> None:  # noqa: F811
+def test_a_failed_jobs_event_carries_the_log_tail_not_a_result(site) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
     op = HpcStepOperator(task_id="check", step="cluster_check", step_params={"exit_code": 3})

@@ -136,16 +136,24 @@ def _clean(value: str | None) -> str | None:
     return None if value in ("", "None", "(null)", "N/A", "n/a") else value
 
 
-def parse_squeue(text: str) -> list[TaskRecord]:
-    """Parse ``squeue -h -r -o SQUEUE_FORMAT`` output."""
-    records = []
+def _squeue_rows(text: str) -> list[list[str]]:
+    """The 9 ``|``-separated fields of each non-empty line of squeue output (both formats end
+    with the job name, which may itself contain ``|``)."""
+    rows = []
     for line in text.splitlines():
         if not line.strip():
             continue
         parts = line.split("|", 8)
         if len(parts) != 9:
             raise SchedulerError(f"unexpected squeue line (format changed?): {line!r}")
-        jobid, array_job, task, state, reason, used, limit, nodes, name = parts
+        rows.append(parts)
+    return rows
+
+
+def parse_squeue(text: str) -> list[TaskRecord]:
+    """Parse ``squeue -h -r -o SQUEUE_FORMAT`` output."""
+    records = []
+    for jobid, array_job, task, state, reason, used, limit, nodes, name in _squeue_rows(text):
         is_array = _clean(task) is not None
         records.append(
             TaskRecord(
@@ -357,13 +365,9 @@ def parse_queue(text: str) -> list[QueuedJob]:
     """Parse ``squeue -h -o QUEUE_FORMAT`` output into :class:`QueuedJob` (one per line:
     a job, a running array task, or a range of pending array tasks)."""
     jobs = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split("|", 8)
-        if len(parts) != 9:
-            raise SchedulerError(f"unexpected squeue line (format changed?): {line!r}")
-        jobid, state, reason, nodes, partition, used, limit, submitted, name = parts
+    for jobid, state, reason, nodes, partition, used, limit, submitted, name in _squeue_rows(
+        text
+    ):
         jobs.append(
             QueuedJob(
                 native_id=jobid.strip(),

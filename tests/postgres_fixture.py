@@ -13,6 +13,7 @@ Tests skip (naming the fix) when PostgreSQL cannot be had, and fail instead when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -101,21 +102,29 @@ def postgres_url() -> str:
         pytest.skip(str(exc))
 
 
-@pytest.fixture
-def postgres_db(postgres_url: str) -> Iterator[str]:
-    """URL of a new empty database, dropped after the test."""
+@contextlib.contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """URL of a new empty database ``<prefix><random>`` on ``admin_url``'s server, dropped
+    (connections forced off) on exit."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"omeflow_t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        yield sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """URL of a new empty database, dropped after the test."""
+    with scratch_database(postgres_url, "omeflow_t_") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

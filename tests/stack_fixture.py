@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,7 +34,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.postgres_fixture import REQUIRE_ENV, PostgresUnavailable, ensure_postgres
+from tests.postgres_fixture import (
+    REQUIRE_ENV,
+    PostgresUnavailable,
+    ensure_postgres,
+    scratch_database,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 UI_SCRIPT = REPO / "scripts" / "ui.py"
@@ -252,18 +256,8 @@ def postgres_metadata_db() -> Iterator[str | None]:
         warnings.warn(f"live_stack runs Airflow on SQLite, not PostgreSQL: {exc}", stacklevel=2)
         yield None
         return
-    import sqlalchemy as sa
-
-    name = f"omeflow_airflow_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with scratch_database(admin_url, "omeflow_airflow_") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
